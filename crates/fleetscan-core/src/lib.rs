@@ -1,0 +1,20 @@
+//! Domain types of fleetscan and the pure logic over them: content digests, verdicts,
+//! decisions, policy. No I/O lives here, and no protocol type: the gRPC edge converts.
+
+pub mod digest;
+pub mod event;
+pub mod policy;
+pub mod verdict;
+
+pub use digest::{ParseSha256Error, Sha256, Sha256Hasher};
+pub use event::{AccessRecord, DEFAULT_TENANT, DecidedBy};
+pub use policy::{Action, FailMode, Policy};
+pub use verdict::{AccessKind, ScannerIdentity, Verdict, VerdictKind};
+
+/// Milliseconds since the Unix epoch, the one timestamp representation of the domain.
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

@@ -1,0 +1,221 @@
+//! Conversions between protocol types and `fleetscan-core` domain types. Unknown enum values
+//! (from a newer peer) map to documented fallbacks, never to a panic.
+
+use fleetscan_core as core;
+
+use crate::v1;
+
+/// A protocol message that does not carry what the domain needs.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConvertError {
+    #[error("missing field `{0}`")]
+    MissingField(&'static str),
+    #[error("field `{0}` is not a SHA-256 (64 hex digits)")]
+    BadSha256(&'static str),
+    #[error("field `{0}` has an unknown or unspecified value")]
+    BadEnum(&'static str),
+}
+
+/// Parses a hex SHA-256 field.
+pub fn sha256(field: &'static str, s: &str) -> Result<core::Sha256, ConvertError> {
+    s.parse().map_err(|_| ConvertError::BadSha256(field))
+}
+
+pub fn verdict_kind_to_proto(kind: core::VerdictKind) -> v1::VerdictResult {
+    match kind {
+        core::VerdictKind::Clean => v1::VerdictResult::Clean,
+        core::VerdictKind::Malicious => v1::VerdictResult::Malicious,
+        core::VerdictKind::Suspicious => v1::VerdictResult::Suspicious,
+        core::VerdictKind::Error => v1::VerdictResult::Error,
+        core::VerdictKind::Unsupported => v1::VerdictResult::Unsupported,
+    }
+}
+
+/// An unknown or unspecified result is an error verdict: never mistaken for clean.
+pub fn verdict_kind_from_proto(raw: i32) -> core::VerdictKind {
+    match v1::VerdictResult::try_from(raw) {
+        Ok(v1::VerdictResult::Clean) => core::VerdictKind::Clean,
+        Ok(v1::VerdictResult::Malicious) => core::VerdictKind::Malicious,
+        Ok(v1::VerdictResult::Suspicious) => core::VerdictKind::Suspicious,
+        Ok(v1::VerdictResult::Unsupported) => core::VerdictKind::Unsupported,
+        Ok(v1::VerdictResult::Error | v1::VerdictResult::Unspecified) | Err(_) => {
+            core::VerdictKind::Error
+        }
+    }
+}
+
+pub fn action_to_proto(action: core::Action) -> v1::Action {
+    match action {
+        core::Action::Allow => v1::Action::Allow,
+        core::Action::Deny => v1::Action::Deny,
+    }
+}
+
+/// `None` for unspecified or unknown values; the caller decides the fallback.
+pub fn action_from_proto(raw: i32) -> Option<core::Action> {
+    match v1::Action::try_from(raw) {
+        Ok(v1::Action::Allow) => Some(core::Action::Allow),
+        Ok(v1::Action::Deny) => Some(core::Action::Deny),
+        _ => None,
+    }
+}
+
+pub fn access_kind_to_proto(kind: core::AccessKind) -> v1::AccessKind {
+    match kind {
+        core::AccessKind::Open => v1::AccessKind::Open,
+        core::AccessKind::Exec => v1::AccessKind::Exec,
+    }
+}
+
+/// Unknown kinds are treated as plain opens.
+pub fn access_kind_from_proto(raw: i32) -> core::AccessKind {
+    match v1::AccessKind::try_from(raw) {
+        Ok(v1::AccessKind::Exec) => core::AccessKind::Exec,
+        _ => core::AccessKind::Open,
+    }
+}
+
+pub fn fail_mode_to_proto(mode: core::FailMode) -> v1::FailMode {
+    match mode {
+        core::FailMode::Open => v1::FailMode::Open,
+        core::FailMode::Closed => v1::FailMode::Closed,
+    }
+}
+
+/// Unknown or unspecified fail modes are the default, fail-open.
+pub fn fail_mode_from_proto(raw: i32) -> core::FailMode {
+    match v1::FailMode::try_from(raw) {
+        Ok(v1::FailMode::Closed) => core::FailMode::Closed,
+        _ => core::FailMode::Open,
+    }
+}
+
+impl From<&core::ScannerIdentity> for v1::ScannerIdentity {
+    fn from(s: &core::ScannerIdentity) -> Self {
+        v1::ScannerIdentity {
+            scanner: s.scanner.clone(),
+            engine: s.engine.clone(),
+            engine_version: s.engine_version.clone(),
+            ruleset_version: s.ruleset_version.clone(),
+        }
+    }
+}
+
+impl From<v1::ScannerIdentity> for core::ScannerIdentity {
+    fn from(s: v1::ScannerIdentity) -> Self {
+        core::ScannerIdentity {
+            scanner: s.scanner,
+            engine: s.engine,
+            engine_version: s.engine_version,
+            ruleset_version: s.ruleset_version,
+        }
+    }
+}
+
+impl From<&core::Verdict> for v1::Verdict {
+    fn from(v: &core::Verdict) -> Self {
+        v1::Verdict {
+            sha256: v.sha256.to_hex(),
+            scanner: Some((&v.scanner).into()),
+            result: verdict_kind_to_proto(v.kind).into(),
+            threat_name: v.threat_name.clone().unwrap_or_default(),
+            detail: v.detail.clone().unwrap_or_default(),
+            scanned_at_unix_ms: v.scanned_at_unix_ms,
+            scan_micros: v.scan_micros,
+        }
+    }
+}
+
+impl TryFrom<v1::Verdict> for core::Verdict {
+    type Error = ConvertError;
+
+    fn try_from(v: v1::Verdict) -> Result<Self, ConvertError> {
+        Ok(core::Verdict {
+            sha256: sha256("sha256", &v.sha256)?,
+            scanner: v
+                .scanner
+                .ok_or(ConvertError::MissingField("scanner"))?
+                .into(),
+            kind: verdict_kind_from_proto(v.result),
+            threat_name: non_empty(v.threat_name),
+            detail: non_empty(v.detail),
+            scanned_at_unix_ms: v.scanned_at_unix_ms,
+            scan_micros: v.scan_micros,
+        })
+    }
+}
+
+impl From<&core::Policy> for v1::Policy {
+    fn from(p: &core::Policy) -> Self {
+        v1::Policy {
+            version: p.version,
+            fail_mode: fail_mode_to_proto(p.fail_mode).into(),
+            decision_deadline_ms: u32::try_from(p.decision_deadline.as_millis())
+                .unwrap_or(u32::MAX),
+            max_file_size: p.max_file_size,
+            oversize_action: action_to_proto(p.oversize_action).into(),
+            audit_only: p.audit_only,
+        }
+    }
+}
+
+impl From<v1::Policy> for core::Policy {
+    /// Out-of-range values are clamped by [`core::Policy::effective_deadline`] when used; an
+    /// unknown oversize action allows, like the default.
+    fn from(p: v1::Policy) -> Self {
+        core::Policy {
+            version: p.version,
+            fail_mode: fail_mode_from_proto(p.fail_mode),
+            decision_deadline: std::time::Duration::from_millis(u64::from(p.decision_deadline_ms)),
+            max_file_size: p.max_file_size,
+            oversize_action: action_from_proto(p.oversize_action).unwrap_or(core::Action::Allow),
+            audit_only: p.audit_only,
+        }
+    }
+}
+
+fn non_empty(s: String) -> Option<String> {
+    if s.is_empty() { None } else { Some(s) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_result_is_an_error_never_clean() {
+        assert_eq!(verdict_kind_from_proto(99), core::VerdictKind::Error);
+        assert_eq!(verdict_kind_from_proto(0), core::VerdictKind::Error);
+        assert_eq!(verdict_kind_from_proto(1), core::VerdictKind::Clean);
+    }
+
+    #[test]
+    fn verdict_round_trips() {
+        let v = core::Verdict {
+            sha256: core::Sha256::of(b"x"),
+            scanner: core::ScannerIdentity {
+                scanner: "reference".into(),
+                engine: "yara-x".into(),
+                engine_version: "1".into(),
+                ruleset_version: "abc".into(),
+            },
+            kind: core::VerdictKind::Malicious,
+            threat_name: Some("EICAR".into()),
+            detail: None,
+            scanned_at_unix_ms: 5,
+            scan_micros: 7,
+        };
+        let back: core::Verdict = v1::Verdict::from(&v).try_into().unwrap();
+        assert_eq!(back, v);
+    }
+
+    #[test]
+    fn policy_round_trips() {
+        let p = core::Policy {
+            fail_mode: core::FailMode::Closed,
+            audit_only: true,
+            ..Default::default()
+        };
+        assert_eq!(core::Policy::from(v1::Policy::from(&p)), p);
+    }
+}
