@@ -1,0 +1,48 @@
+//! The worker's configuration. Timing constants that operators need not tune live in
+//! `session`, each with the reason for its value.
+
+/// How a worker attaches and how much work it takes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerConfig {
+    /// The broker's gRPC address, e.g. "http://127.0.0.1:7700".
+    pub broker: String,
+    /// Instance name shown to operators, e.g. host name and pid.
+    pub worker_name: String,
+    /// The pool served, within its tenants; empty means "default".
+    pub pool: String,
+    /// Tenants whose jobs this worker takes; empty means the broker's default tenant.
+    pub tenants: Vec<String>,
+    /// Jobs held at once (assembling or scanning), which is also the number of concurrent
+    /// scans. At least 1.
+    pub credits: u32,
+    /// The largest content accepted, in bytes; 0 means no limit.
+    pub max_file_size: u64,
+}
+
+impl Default for WorkerConfig {
+    /// Defaults: broker "http://127.0.0.1:7700", worker name "HOSTNAME-PID", pool "" (the
+    /// default pool), no tenants (the broker's default tenant), credits = available
+    /// parallelism (at least 1), max_file_size 256 MiB.
+    fn default() -> Self {
+        WorkerConfig {
+            broker: "http://127.0.0.1:7700".to_owned(),
+            worker_name: default_worker_name(),
+            pool: String::new(),
+            tenants: Vec::new(),
+            credits: std::thread::available_parallelism()
+                .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+                .unwrap_or(1),
+            max_file_size: 256 * 1024 * 1024,
+        }
+    }
+}
+
+fn default_worker_name() -> String {
+    // Best effort: the name is for operators only, so a missing host name is not an error.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "worker".to_owned());
+    format!("{host}-{}", std::process::id())
+}
