@@ -17,7 +17,8 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 pub const CHUNK_SIZE: usize = 1024 * 1024;
 
 /// Largest gRPC message any fleetscan server or client accepts, in bytes: a chunk plus room for
-/// the envelope. Anything larger is refused with `RESOURCE_EXHAUSTED` by tonic.
+/// the envelope. Anything larger is refused by tonic (with `OUT_OF_RANGE`; `RESOURCE_EXHAUSTED`
+/// for compressed messages) and the connection carries on.
 pub const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
 
 pub mod convert;

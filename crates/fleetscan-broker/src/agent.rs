@@ -1,0 +1,503 @@
+//! `AgentService.Session`: one long-lived stream per agent.
+//!
+//! The first message must be the hello; then every access request gets a Decision — at once from
+//! the memory cache, or after a flight (store, content, scan) — unless its deadline passes first,
+//! in which case the broker stops waiting and the agent answers the kernel itself. One bad
+//! request is answered by the fail mode; it never ends the stream. Records are written after
+//! the decision is sent, through the write-behind queue; the stream's reader never waits on the
+//! store.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use fleetscan_core::{AccessRecord, Action, DecidedBy, Sha256, Verdict, now_unix_ms};
+use fleetscan_proto::convert;
+use fleetscan_proto::v1::{self, agent_message, broker_message};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::time::Instant;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+use crate::content::{AgentLink, ContentEvent, ContentSource};
+use crate::decide::{self, Decided, Resolution};
+use crate::engine::{
+    DEFAULT_POOL, Engine, Lookup, Pending, SessionInfo, stopped, tenant_or_default,
+};
+use crate::error::BrokerError;
+use crate::stats::{add, bump};
+use crate::writer::{HostSeen, WriteOp};
+
+/// How long a new stream may take to send its hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the broker sends a heartbeat on an idle stream.
+pub const HEARTBEAT_PERIOD: Duration = Duration::from_secs(10);
+/// How often a session refreshes its host row and flushes its counters.
+const HOST_PERIOD: Duration = Duration::from_secs(60);
+/// Messages queued towards one agent; when full, the session's reader waits for the agent.
+const OUTBOUND: usize = 1024;
+/// Requests of one session waiting for a scan at once; beyond, the fail mode answers at once.
+const MAX_PENDING: usize = 4096;
+/// The longest a request is waited for, whatever deadline the agent gives.
+const MAX_REQUEST_DEADLINE: Duration = Duration::from_secs(60);
+
+pub type SessionStream = Pin<Box<dyn Stream<Item = Result<v1::BrokerMessage, Status>> + Send>>;
+
+pub struct AgentSvc {
+    pub engine: Arc<Engine>,
+}
+
+struct Session {
+    id: u64,
+    tenant: String,
+    node: String,
+    cluster: String,
+    agent_version: String,
+    link: Arc<AgentLink>,
+    /// Accesses allowed and denied since the host counters were last flushed.
+    allowed: AtomicU64,
+    denied: AtomicU64,
+    pending: Arc<Semaphore>,
+}
+
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+#[tonic::async_trait]
+impl v1::agent_service_server::AgentService for AgentSvc {
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<v1::AgentMessage>>,
+    ) -> Result<Response<SessionStream>, Status> {
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Err(_) => return Err(BrokerError::Timeout("no AgentHello within 10 s").into()),
+            Ok(Err(status)) => return Err(status),
+            Ok(Ok(Some(v1::AgentMessage {
+                msg: Some(agent_message::Msg::Hello(hello)),
+            }))) => hello,
+            Ok(Ok(_)) => {
+                return Err(BrokerError::Protocol(
+                    "the first message must be an AgentHello".into(),
+                )
+                .into());
+            }
+        };
+        if hello.node.is_empty() {
+            return Err(
+                BrokerError::InvalidArgument("AgentHello without a node name".into()).into(),
+            );
+        }
+        let engine = self.engine.clone();
+        let (tx, rx) = mpsc::channel(OUTBOUND);
+        let session = Arc::new(Session {
+            id: NEXT_SESSION.fetch_add(1, Ordering::Relaxed),
+            tenant: tenant_or_default(&hello.tenant),
+            node: hello.node.clone(),
+            cluster: hello.cluster,
+            agent_version: hello.agent_version,
+            link: Arc::new(AgentLink::new(hello.node, tx.clone())),
+            allowed: AtomicU64::new(0),
+            denied: AtomicU64::new(0),
+            pending: Arc::new(Semaphore::new(MAX_PENDING)),
+        });
+        let mut generation = engine.generation.subscribe();
+        let verdict_generation = *generation.borrow_and_update();
+        let accepted = v1::BrokerMessage {
+            msg: Some(broker_message::Msg::Accepted(v1::SessionAccepted {
+                broker_id: engine.config.broker_id.clone(),
+                policy: Some(engine.policy(&session.tenant).into()),
+                verdict_generation,
+            })),
+        };
+        // The channel is empty: the first message always fits.
+        let _ = tx.try_send(Ok(accepted));
+        drop(tx);
+        engine.sessions.lock().insert(
+            session.id,
+            SessionInfo {
+                tenant: session.tenant.clone(),
+                node: session.node.clone(),
+            },
+        );
+        session.host_seen(&engine);
+        info!(node = %session.node, tenant = %session.tenant, cluster = %session.cluster, agent_version = %session.agent_version, "agent connected");
+        let stop = engine.stop.clone();
+        let outbound = outbound(rx, generation, stop.clone());
+        tokio::spawn(read_loop(engine, session, inbound, stop));
+        Ok(Response::new(outbound))
+    }
+}
+
+/// The broker's side of the stream: queued messages, cache flushes, heartbeats.
+fn outbound(
+    mut rx: mpsc::Receiver<Result<v1::BrokerMessage, Status>>,
+    mut generation: watch::Receiver<u64>,
+    mut stop: watch::Receiver<bool>,
+) -> SessionStream {
+    Box::pin(async_stream::stream! {
+        let mut heartbeat =
+            tokio::time::interval_at(Instant::now() + HEARTBEAT_PERIOD, HEARTBEAT_PERIOD);
+        loop {
+            tokio::select! {
+                biased;
+                () = stopped(&mut stop) => break,
+                // Before decisions: a decision made under new rules must not overtake the flush.
+                changed = generation.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let verdict_generation = *generation.borrow_and_update();
+                    yield Ok(v1::BrokerMessage {
+                        msg: Some(broker_message::Msg::Flush(v1::CacheFlush {
+                            verdict_generation,
+                            reason: "scanner rules changed".into(),
+                        })),
+                    });
+                }
+                message = rx.recv() => match message {
+                    Some(Ok(message)) => yield Ok(message),
+                    Some(Err(status)) => {
+                        yield Err(status);
+                        break;
+                    }
+                    None => break,
+                },
+                _ = heartbeat.tick() => yield Ok(v1::BrokerMessage {
+                    msg: Some(broker_message::Msg::Heartbeat(v1::Heartbeat {
+                        sent_at_unix_ms: now_unix_ms(),
+                    })),
+                }),
+            }
+        }
+    })
+}
+
+async fn read_loop(
+    engine: Arc<Engine>,
+    session: Arc<Session>,
+    mut inbound: Streaming<v1::AgentMessage>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut host_tick = tokio::time::interval_at(Instant::now() + HOST_PERIOD, HOST_PERIOD);
+    loop {
+        tokio::select! {
+            biased;
+            () = stopped(&mut stop) => break,
+            _ = session.link.tx.closed() => break,
+            _ = host_tick.tick() => {
+                session.host_seen(&engine);
+                session.flush_counts(&engine);
+            }
+            message = inbound.message() => match message {
+                Ok(Some(message)) => handle(&engine, &session, message).await,
+                Ok(None) => break,
+                Err(status) => {
+                    debug!(node = %session.node, %status, "agent stream failed");
+                    // E.g. an oversized message: tell the agent why its stream ends.
+                    let _ = session.link.tx.try_send(Err(status));
+                    break;
+                }
+            }
+        }
+    }
+    session.link.close();
+    engine.sessions.lock().remove(&session.id);
+    session.flush_counts(&engine);
+    info!(node = %session.node, "agent disconnected");
+}
+
+async fn handle(engine: &Arc<Engine>, session: &Arc<Session>, message: v1::AgentMessage) {
+    match message.msg {
+        Some(agent_message::Msg::Access(request)) => access(engine, session, request).await,
+        Some(agent_message::Msg::Content(chunk)) => {
+            let event = ContentEvent::Chunk {
+                offset: chunk.offset,
+                data: chunk.data,
+                last: chunk.last,
+            };
+            session.link.route(chunk.request_id, event).await;
+        }
+        Some(agent_message::Msg::ContentUnavailable(u)) => {
+            session
+                .link
+                .route(u.request_id, ContentEvent::Unavailable(u.reason))
+                .await;
+        }
+        Some(agent_message::Msg::Report(report)) => session.report(engine, report),
+        Some(agent_message::Msg::Hello(_)) => {
+            warn!(node = %session.node, "second AgentHello ignored");
+        }
+        // Heartbeats only show the agent is alive; unknown messages come from newer agents.
+        Some(agent_message::Msg::Heartbeat(_)) | None => {}
+    }
+}
+
+/// How long the broker waits for a request: the agent's deadline, or the policy's.
+fn request_deadline(request: &v1::AccessRequest, engine: &Engine, tenant: &str) -> Duration {
+    if request.deadline_ms == 0 {
+        engine.policy(tenant).effective_deadline()
+    } else {
+        Duration::from_millis(u64::from(request.deadline_ms)).min(MAX_REQUEST_DEADLINE)
+    }
+}
+
+async fn access(engine: &Arc<Engine>, session: &Arc<Session>, request: v1::AccessRequest) {
+    let policy = engine.policy(&session.tenant);
+    let sha256 = match convert::sha256("sha256", &request.sha256) {
+        Ok(sha256) => sha256,
+        Err(e) => {
+            let decided = decide::fail(policy, format!("invalid request: {e}"));
+            session.decide(engine, &request, None, decided, None).await;
+            return;
+        }
+    };
+    // The hot path: known content of the pool's current identity, no store, no spawn.
+    if let Some(verdict) = engine.cached(&sha256, DEFAULT_POOL) {
+        bump(&engine.stats.cache_hits);
+        let decided = decide::decide(policy, &Resolution::Verdict(verdict.clone()));
+        session
+            .decide(engine, &request, Some(sha256), decided, Some(&verdict))
+            .await;
+        return;
+    }
+    let Ok(permit) = session.pending.clone().try_acquire_owned() else {
+        let decided = decide::fail(policy, "broker overloaded: too many pending requests");
+        session
+            .decide(engine, &request, Some(sha256), decided, None)
+            .await;
+        return;
+    };
+    let deadline = Instant::now() + request_deadline(&request, engine, &session.tenant);
+    let (identity, pending) = engine.resolve(Lookup {
+        sha256,
+        size: request.size,
+        tenant: session.tenant.clone(),
+        pool: DEFAULT_POOL,
+        path_hint: request.path.clone(),
+        source: ContentSource::Agent {
+            link: session.link.clone(),
+            request_id: request.request_id,
+        },
+    });
+    match pending {
+        Pending::Ready(resolution) => {
+            drop(permit);
+            let decided = decide::decide(policy, &resolution);
+            let verdict = verdict_of(&resolution);
+            session
+                .decide(engine, &request, Some(sha256), decided, verdict)
+                .await;
+        }
+        Pending::Wait(waiter) => {
+            let engine = engine.clone();
+            let session = session.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let Ok(resolution) = tokio::time::timeout_at(deadline, waiter.wait()).await else {
+                    // The agent answers the kernel with its fail mode and reports it; the scan
+                    // goes on and its verdict serves the next request.
+                    debug!(node = %session.node, request_id = request.request_id, sha256 = %sha256, "decision deadline passed");
+                    return;
+                };
+                let resolution =
+                    resolution.unwrap_or_else(|| Resolution::Failed("scan abandoned".into()));
+                let mut decided = decide::decide(engine.policy(&session.tenant), &resolution);
+                if engine.current(DEFAULT_POOL).map(|c| c.id) != identity {
+                    // The rules changed during the scan: answer, but let no agent keep it.
+                    decided.cacheable = false;
+                    decided.ttl_seconds = 0;
+                }
+                let verdict = verdict_of(&resolution);
+                session
+                    .decide(&engine, &request, Some(sha256), decided, verdict)
+                    .await;
+            });
+        }
+    }
+}
+
+fn verdict_of(resolution: &Resolution) -> Option<&Verdict> {
+    match resolution {
+        Resolution::Verdict(v) => Some(v),
+        _ => None,
+    }
+}
+
+impl Session {
+    /// Sends the decision, then counts and records it (never the other way round).
+    async fn decide(
+        &self,
+        engine: &Engine,
+        request: &v1::AccessRequest,
+        sha256: Option<Sha256>,
+        decided: Decided,
+        verdict: Option<&Verdict>,
+    ) {
+        let record = decided.record.then(|| AccessRecord {
+            at_unix_ms: now_unix_ms(),
+            tenant: self.tenant.clone(),
+            node: self.node.clone(),
+            path: if request.path.is_empty() {
+                request.host_path.clone()
+            } else {
+                request.path.clone()
+            },
+            kind: convert::access_kind_from_proto(request.kind),
+            action: decided.action,
+            reason: decided.reason.clone(),
+            sha256,
+            threat_name: decided.threat_name.clone(),
+            pid: request.subject.as_ref().map_or(0, |s| s.pid),
+            uid: request.subject.as_ref().map_or(0, |s| s.uid),
+            exe: request
+                .subject
+                .as_ref()
+                .map(|s| s.exe.clone())
+                .unwrap_or_default(),
+            decided_by: DecidedBy::Broker,
+        });
+        let action = decided.action;
+        let message = v1::BrokerMessage {
+            msg: Some(broker_message::Msg::Decision(v1::Decision {
+                request_id: request.request_id,
+                action: convert::action_to_proto(action).into(),
+                reason: decided.reason,
+                cacheable: decided.cacheable,
+                ttl_seconds: decided.ttl_seconds,
+                verdicts: verdict.map(|v| vec![v.into()]).unwrap_or_default(),
+            })),
+        };
+        if self.link.tx.send(Ok(message)).await.is_err() {
+            debug!(node = %self.node, request_id = request.request_id, "agent gone before its decision");
+        }
+        let stats = &engine.stats;
+        bump(&stats.decisions);
+        if decided.fail_mode {
+            bump(&stats.fail_mode_decisions);
+        }
+        if decided.oversize {
+            bump(&stats.oversize);
+        }
+        match action {
+            Action::Deny => {
+                bump(&stats.denied);
+                self.denied.fetch_add(1, Ordering::Relaxed);
+            }
+            Action::Allow => {
+                self.allowed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if let Some(record) = record {
+            engine.writer.submit(WriteOp::Access(Box::new(record)));
+        }
+    }
+
+    /// An access the agent decided itself: denials are recorded; allowed ones only counted. A
+    /// report with action ALLOW counts itself; `allowed_count` counts accesses never reported
+    /// one by one.
+    fn report(&self, engine: &Engine, report: v1::AccessReport) {
+        if report.dropped_reports > 0 {
+            add(&engine.stats.dropped_reports, report.dropped_reports);
+            warn!(node = %self.node, dropped = report.dropped_reports, "agent dropped access reports while disconnected");
+        }
+        self.allowed
+            .fetch_add(report.allowed_count, Ordering::Relaxed);
+        match convert::action_from_proto(report.action) {
+            Some(Action::Allow) => {
+                self.allowed.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(Action::Deny) => {
+                self.denied.fetch_add(1, Ordering::Relaxed);
+                let (decided_by, why) = local_reason(report.reason);
+                let threat_name = (!report.threat_name.is_empty()).then_some(report.threat_name);
+                let reason = match &threat_name {
+                    Some(threat) => format!("{why}: {threat}"),
+                    None => why.to_owned(),
+                };
+                let subject = report.subject.unwrap_or_default();
+                engine.writer.submit(WriteOp::Access(Box::new(AccessRecord {
+                    at_unix_ms: if report.at_unix_ms > 0 {
+                        report.at_unix_ms
+                    } else {
+                        now_unix_ms()
+                    },
+                    tenant: self.tenant.clone(),
+                    node: self.node.clone(),
+                    path: report.path,
+                    kind: convert::access_kind_from_proto(report.kind),
+                    action: Action::Deny,
+                    reason,
+                    sha256: report.sha256.parse().ok(),
+                    threat_name,
+                    pid: subject.pid,
+                    uid: subject.uid,
+                    exe: subject.exe,
+                    decided_by,
+                })));
+            }
+            // A report that only carries counts.
+            None => {}
+        }
+    }
+
+    fn host_seen(&self, engine: &Engine) {
+        engine.writer.submit(WriteOp::HostSeen(HostSeen {
+            tenant: self.tenant.clone(),
+            node: self.node.clone(),
+            cluster: self.cluster.clone(),
+            agent_version: self.agent_version.clone(),
+            at_unix_ms: now_unix_ms(),
+        }));
+    }
+
+    fn flush_counts(&self, engine: &Engine) {
+        let allowed = self.allowed.swap(0, Ordering::Relaxed);
+        let denied = self.denied.swap(0, Ordering::Relaxed);
+        if allowed + denied > 0 {
+            engine.writer.submit(WriteOp::HostCounts {
+                tenant: self.tenant.clone(),
+                node: self.node.clone(),
+                allowed,
+                denied,
+            });
+        }
+    }
+}
+
+/// Who decided a reported access, and why, from the agent's local reason. An unknown reason
+/// (a newer agent) is recorded as the agent's cache, the commonest local decision.
+fn local_reason(raw: i32) -> (DecidedBy, &'static str) {
+    match v1::LocalReason::try_from(raw) {
+        Ok(v1::LocalReason::Deadline) => {
+            (DecidedBy::AgentDeadline, "no decision before the deadline")
+        }
+        Ok(v1::LocalReason::Oversize) => (DecidedBy::AgentOversize, "oversize"),
+        Ok(v1::LocalReason::Unreadable) => (DecidedBy::AgentUnreadable, "unreadable"),
+        Ok(v1::LocalReason::NoBroker) => (DecidedBy::AgentNoBroker, "no broker"),
+        Ok(v1::LocalReason::Cached | v1::LocalReason::Unspecified) | Err(_) => {
+            (DecidedBy::AgentCache, "cached decision")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_reasons_map_to_who_decided() {
+        assert_eq!(
+            local_reason(v1::LocalReason::Deadline as i32).0,
+            DecidedBy::AgentDeadline
+        );
+        assert_eq!(
+            local_reason(v1::LocalReason::NoBroker as i32).0,
+            DecidedBy::AgentNoBroker
+        );
+        assert_eq!(local_reason(99).0, DecidedBy::AgentCache);
+    }
+}

@@ -1,0 +1,45 @@
+//! The broker's configuration, with every default written down.
+
+use std::time::Duration;
+
+use fleetscan_core::Policy;
+use serde::{Deserialize, Serialize};
+
+/// How a broker runs. `Default` gives a single-host broker on a local SQLite file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// Names this broker in `SessionAccepted` and `Registered`, for operators.
+    pub broker_id: String,
+    /// `sqlite://PATH`, `sqlite::memory:` or `postgres://…`.
+    pub store_url: String,
+    /// The default tenant's policy.
+    pub policy: Policy,
+    /// How long a `ScanService` call may take in all (default 30 s).
+    #[serde(with = "humantime_serde")]
+    pub scan_deadline: Duration,
+    /// How long one worker try of a job may take (default 10 s).
+    #[serde(with = "humantime_serde")]
+    pub job_deadline: Duration,
+    /// Tries of a job in all, over any workers (default 3).
+    pub max_tries: u32,
+    /// Capacity of the write-behind queue, in records (default 100 000).
+    pub write_queue: usize,
+    /// Verdicts held in memory (default 1 000 000).
+    pub verdict_cache_capacity: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            broker_id: format!("broker-{}", std::process::id()),
+            store_url: "sqlite://fleetscan.db".into(),
+            policy: Policy::default(),
+            scan_deadline: Duration::from_secs(30),
+            job_deadline: Duration::from_secs(10),
+            max_tries: 3,
+            write_queue: 100_000,
+            verdict_cache_capacity: 1_000_000,
+        }
+    }
+}

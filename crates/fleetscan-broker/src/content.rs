@@ -1,0 +1,290 @@
+//! Getting the content of a file to scan: from an agent that has it (ContentRequest, then its
+//! ContentChunks) or from bytes already in hand (ScanService).
+//!
+//! What an agent uploads is bounded by the size it declared (itself at most the policy's
+//! maximum, checked before asking), must arrive in order, and must hash to the SHA-256 it
+//! claimed; anything else fails this source and the caller tries another. Never trust an
+//! upload that was not verified, never buffer past the declared size.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use fleetscan_core::{Sha256, Sha256Hasher};
+use fleetscan_proto::v1::{self, broker_message};
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+/// Chunks buffered between an agent's stream reader and the fetch that consumes them; when
+/// full, the reader waits (backpressure on that agent's stream only).
+const CONTENT_CHANNEL: usize = 8;
+
+/// What an agent sent about content the broker asked for.
+#[derive(Debug)]
+pub enum ContentEvent {
+    Chunk {
+        offset: u64,
+        data: Vec<u8>,
+        last: bool,
+    },
+    Unavailable(String),
+}
+
+/// The part of an agent session that content fetches use: its outbound stream and the fetches
+/// waiting for its chunks, by request id.
+pub struct AgentLink {
+    pub node: String,
+    pub tx: mpsc::Sender<Result<v1::BrokerMessage, Status>>,
+    pending: Mutex<HashMap<u64, mpsc::Sender<ContentEvent>>>,
+}
+
+impl AgentLink {
+    pub fn new(node: String, tx: mpsc::Sender<Result<v1::BrokerMessage, Status>>) -> Self {
+        AgentLink {
+            node,
+            tx,
+            pending: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Hands an agent's content message to the fetch waiting for it. Content nobody waits for
+    /// (a fetch that already gave up) is dropped.
+    pub async fn route(&self, request_id: u64, event: ContentEvent) {
+        let waiting = self.pending.lock().get(&request_id).cloned();
+        if let Some(tx) = waiting
+            && tx.send(event).await.is_err()
+        {
+            self.pending.lock().remove(&request_id);
+        }
+    }
+
+    /// The session ended: every fetch from it fails at once.
+    pub fn close(&self) {
+        self.pending.lock().clear();
+    }
+}
+
+/// Removes a fetch's registration however the fetch ends.
+struct Registration<'a> {
+    link: &'a AgentLink,
+    request_id: u64,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.link.pending.lock().remove(&self.request_id);
+    }
+}
+
+/// Somewhere the content of one SHA-256 can be had.
+pub enum ContentSource {
+    /// Bytes in hand, already hashed by the broker.
+    Memory(Bytes),
+    /// An agent that asked about the content in request `request_id` of its session.
+    Agent {
+        link: Arc<AgentLink>,
+        request_id: u64,
+    },
+}
+
+impl ContentSource {
+    /// The content, verified against `sha256` and `size`; `idle` bounds the wait for each
+    /// message from an agent.
+    pub async fn fetch(self, sha256: &Sha256, size: u64, idle: Duration) -> Result<Bytes, String> {
+        let (link, request_id) = match self {
+            ContentSource::Memory(bytes) => return Ok(bytes),
+            ContentSource::Agent { link, request_id } => (link, request_id),
+        };
+        if size == 0 {
+            // Nothing to upload: the empty content is known.
+            return if *sha256 == Sha256::of(b"") {
+                Ok(Bytes::new())
+            } else {
+                Err("declared size 0 but sha256 is not the empty content's".into())
+            };
+        }
+        let capacity = usize::try_from(size).map_err(|_| "declared size too large")?;
+        let (tx, mut rx) = mpsc::channel(CONTENT_CHANNEL);
+        link.pending.lock().insert(request_id, tx);
+        let _registration = Registration {
+            link: &link,
+            request_id,
+        };
+        let request = v1::BrokerMessage {
+            msg: Some(broker_message::Msg::ContentRequest(v1::ContentRequest {
+                request_id,
+            })),
+        };
+        match tokio::time::timeout(idle, link.tx.send(Ok(request))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err("agent disconnected".into()),
+            Err(_) => return Err("agent stream congested".into()),
+        }
+        let mut content = BytesMut::with_capacity(capacity);
+        let mut hasher = Sha256Hasher::new();
+        loop {
+            let event = match tokio::time::timeout(idle, rx.recv()).await {
+                Ok(Some(event)) => event,
+                Ok(None) => return Err("agent disconnected".into()),
+                Err(_) => return Err("content upload stalled".into()),
+            };
+            match event {
+                ContentEvent::Unavailable(reason) => {
+                    return Err(format!("agent could not provide the content: {reason}"));
+                }
+                ContentEvent::Chunk { offset, data, last } => {
+                    if offset != content.len() as u64 {
+                        return Err(format!(
+                            "chunk at offset {offset}, expected {}",
+                            content.len()
+                        ));
+                    }
+                    if content.len() as u64 + data.len() as u64 > size {
+                        return Err(format!("more content than the declared {size} bytes"));
+                    }
+                    hasher.update(&data);
+                    content.extend_from_slice(&data);
+                    if last {
+                        break;
+                    }
+                }
+            }
+        }
+        if content.len() as u64 != size {
+            return Err(format!("{} bytes uploaded, {size} declared", content.len()));
+        }
+        if hasher.finish() != *sha256 {
+            return Err("sha256 mismatch".into());
+        }
+        Ok(content.freeze())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_link() -> (
+        Arc<AgentLink>,
+        mpsc::Receiver<Result<v1::BrokerMessage, Status>>,
+    ) {
+        let (tx, rx) = mpsc::channel(16);
+        (Arc::new(AgentLink::new("n1".into(), tx)), rx)
+    }
+
+    /// Answers the first ContentRequest on `rx` with `chunks`.
+    fn agent(
+        link: Arc<AgentLink>,
+        mut rx: mpsc::Receiver<Result<v1::BrokerMessage, Status>>,
+        chunks: Vec<ContentEvent>,
+    ) {
+        tokio::spawn(async move {
+            let Some(Ok(v1::BrokerMessage {
+                msg: Some(broker_message::Msg::ContentRequest(req)),
+            })) = rx.recv().await
+            else {
+                panic!("expected a content request")
+            };
+            for chunk in chunks {
+                link.route(req.request_id, chunk).await;
+            }
+            // Keep the session open until the test ends.
+            std::future::pending::<()>().await;
+        });
+    }
+
+    fn chunk(offset: u64, data: &[u8], last: bool) -> ContentEvent {
+        ContentEvent::Chunk {
+            offset,
+            data: data.to_vec(),
+            last,
+        }
+    }
+
+    const IDLE: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn verified_content_is_assembled() {
+        let (link, rx) = new_link();
+        agent(
+            link.clone(),
+            rx,
+            vec![chunk(0, b"hello ", false), chunk(6, b"world", true)],
+        );
+        let got = ContentSource::Agent {
+            link,
+            request_id: 7,
+        }
+        .fetch(&Sha256::of(b"hello world"), 11, IDLE)
+        .await
+        .unwrap();
+        assert_eq!(&got[..], b"hello world");
+    }
+
+    #[tokio::test]
+    async fn mismatching_or_malformed_uploads_are_refused() {
+        let cases: Vec<(Vec<ContentEvent>, &str)> = vec![
+            (vec![chunk(0, b"hello world", true)], "sha256 mismatch"),
+            (vec![chunk(5, b"x", true)], "offset"),
+            (vec![chunk(0, b"evil content!", true)], "more content"),
+            (vec![chunk(0, b"evil", true)], "declared"),
+            (
+                vec![ContentEvent::Unavailable("file vanished".into())],
+                "file vanished",
+            ),
+        ];
+        for (chunks, expected) in cases {
+            let (link, rx) = new_link();
+            agent(link.clone(), rx, chunks);
+            let err = ContentSource::Agent {
+                link,
+                request_id: 1,
+            }
+            .fetch(&Sha256::of(b"other thing"), 11, IDLE)
+            .await
+            .unwrap_err();
+            assert!(err.contains(expected), "{err} should mention {expected}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_or_vanished_agent_fails_the_fetch() {
+        let (link, rx) = new_link();
+        agent(link.clone(), rx, vec![]);
+        let err = ContentSource::Agent {
+            link: link.clone(),
+            request_id: 1,
+        }
+        .fetch(&Sha256::of(b"x"), 1, IDLE)
+        .await
+        .unwrap_err();
+        assert!(err.contains("stalled"), "{err}");
+        assert!(link.pending.lock().is_empty(), "registration removed");
+
+        let (link, rx) = new_link();
+        drop(rx);
+        let err = ContentSource::Agent {
+            link,
+            request_id: 1,
+        }
+        .fetch(&Sha256::of(b"x"), 1, IDLE)
+        .await
+        .unwrap_err();
+        assert!(err.contains("disconnected"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn empty_content_needs_no_upload() {
+        let (link, _rx) = new_link();
+        let got = ContentSource::Agent {
+            link,
+            request_id: 1,
+        }
+        .fetch(&Sha256::of(b""), 0, IDLE)
+        .await
+        .unwrap();
+        assert!(got.is_empty());
+    }
+}

@@ -1,0 +1,176 @@
+//! Policy glue: how the result of a verdict look-up or scan becomes a decision for one access.
+//!
+//! Pure code over `fleetscan-core` types: no I/O, no protocol types. Whether a decision may be
+//! cached by the agent, for how long, and whether it must be recorded are decided here so that
+//! every service answers the same way.
+
+use std::sync::Arc;
+
+use fleetscan_core::{Action, Policy, Verdict};
+
+/// How long an agent may keep a decision that rests on a verdict. The agent also drops it when
+/// the file changes or the verdict generation changes, so this only bounds staleness of
+/// decisions whose rules did not change.
+pub const VERDICT_TTL_SECONDS: u32 = 3600;
+
+/// How long an agent may keep an oversize decision: short, since the policy may change.
+pub const OVERSIZE_TTL_SECONDS: u32 = 600;
+
+/// What the broker found out about one content.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    /// A verdict of the pool's scanner (conclusive, or an error after the last try).
+    Verdict(Arc<Verdict>),
+    /// The content is larger than the policy's maximum and was not scanned.
+    Oversize(u64),
+    /// No verdict could be had; the reason says why.
+    Failed(String),
+}
+
+/// A decision for one access, before it is put on the wire.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decided {
+    pub action: Action,
+    pub reason: String,
+    pub cacheable: bool,
+    pub ttl_seconds: u32,
+    /// Whether the access must be recorded: every denial, and what audit-only mode would deny.
+    pub record: bool,
+    /// Whether the fail mode decided (no conclusive verdict).
+    pub fail_mode: bool,
+    pub oversize: bool,
+    pub threat_name: Option<String>,
+}
+
+/// Decides one access from a resolution under the policy.
+pub fn decide(policy: &Policy, resolution: &Resolution) -> Decided {
+    let outcome_of = |p: &Policy| match resolution {
+        Resolution::Verdict(v) => p.decide(std::slice::from_ref(&**v)),
+        Resolution::Oversize(size) => p.oversize(*size),
+        Resolution::Failed(why) => p.on_failure(why),
+    };
+    let outcome = outcome_of(policy);
+    let record = outcome.action == Action::Deny
+        || (policy.audit_only && {
+            let strict = Policy {
+                audit_only: false,
+                ..policy.clone()
+            };
+            outcome_of(&strict).action == Action::Deny
+        });
+    let (fail_mode, oversize, threat_name, ttl) = match resolution {
+        Resolution::Verdict(v) => (
+            !v.kind.is_conclusive(),
+            false,
+            v.threat_name.clone(),
+            VERDICT_TTL_SECONDS,
+        ),
+        Resolution::Oversize(_) => (false, true, None, OVERSIZE_TTL_SECONDS),
+        Resolution::Failed(_) => (true, false, None, 0),
+    };
+    Decided {
+        action: outcome.action,
+        reason: outcome.reason,
+        cacheable: outcome.cacheable,
+        ttl_seconds: if outcome.cacheable { ttl } else { 0 },
+        record,
+        fail_mode,
+        oversize,
+        threat_name,
+    }
+}
+
+/// Decides by the fail mode, e.g. for a malformed request or an overloaded broker.
+pub fn fail(policy: &Policy, why: impl Into<String>) -> Decided {
+    decide(policy, &Resolution::Failed(why.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use fleetscan_core::{FailMode, ScannerIdentity, Sha256, VerdictKind};
+
+    use super::*;
+
+    fn verdict(kind: VerdictKind) -> Resolution {
+        Resolution::Verdict(Arc::new(Verdict {
+            sha256: Sha256::of(b"x"),
+            scanner: ScannerIdentity {
+                scanner: "reference".into(),
+                ..Default::default()
+            },
+            kind,
+            threat_name: kind.blocks().then(|| "EICAR-Test-File".to_owned()),
+            detail: (kind == VerdictKind::Error).then(|| "engine crashed".to_owned()),
+            scanned_at_unix_ms: 0,
+            scan_micros: 0,
+        }))
+    }
+
+    #[test]
+    fn malicious_verdict_denies_cacheably_and_is_recorded() {
+        let d = decide(&Policy::default(), &verdict(VerdictKind::Malicious));
+        assert_eq!(d.action, Action::Deny);
+        assert!(d.cacheable && d.record && !d.fail_mode);
+        assert_eq!(d.ttl_seconds, VERDICT_TTL_SECONDS);
+        assert_eq!(d.threat_name.as_deref(), Some("EICAR-Test-File"));
+        assert!(d.reason.contains("EICAR-Test-File"));
+    }
+
+    #[test]
+    fn clean_verdict_allows_without_a_record() {
+        let d = decide(&Policy::default(), &verdict(VerdictKind::Clean));
+        assert_eq!(
+            (d.action, d.cacheable, d.record),
+            (Action::Allow, true, false)
+        );
+    }
+
+    #[test]
+    fn error_verdict_and_failure_use_the_fail_mode_uncached() {
+        let closed = Policy {
+            fail_mode: FailMode::Closed,
+            ..Policy::default()
+        };
+        for r in [
+            verdict(VerdictKind::Error),
+            verdict(VerdictKind::Unsupported),
+            Resolution::Failed("no live scanner".into()),
+        ] {
+            let d = decide(&closed, &r);
+            assert_eq!(d.action, Action::Deny, "{r:?}");
+            assert!(!d.cacheable && d.fail_mode && d.record);
+            assert_eq!(d.ttl_seconds, 0);
+            let d = decide(&Policy::default(), &r);
+            assert_eq!(d.action, Action::Allow);
+            assert!(!d.record);
+        }
+        let d = fail(&closed, "no live scanner");
+        assert!(d.reason.contains("no live scanner"), "{}", d.reason);
+    }
+
+    #[test]
+    fn oversize_follows_the_policy_and_is_cacheable_briefly() {
+        let deny = Policy {
+            oversize_action: Action::Deny,
+            max_file_size: 10,
+            ..Policy::default()
+        };
+        let d = decide(&deny, &Resolution::Oversize(11));
+        assert_eq!(d.action, Action::Deny);
+        assert!(d.oversize && d.record && d.cacheable);
+        assert_eq!(d.ttl_seconds, OVERSIZE_TTL_SECONDS);
+    }
+
+    #[test]
+    fn audit_only_allows_but_records_what_it_would_deny() {
+        let audit = Policy {
+            audit_only: true,
+            ..Policy::default()
+        };
+        let d = decide(&audit, &verdict(VerdictKind::Malicious));
+        assert_eq!(d.action, Action::Allow);
+        assert!(d.record, "audit mode must record what it would deny");
+        let d = decide(&audit, &verdict(VerdictKind::Clean));
+        assert!(!d.record);
+    }
+}

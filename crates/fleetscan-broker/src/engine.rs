@@ -1,0 +1,364 @@
+//! The broker's shared state and the verdict path every service uses: memory cache, then (once
+//! per content, single-flight) the store, then content and a job on the pool's workers.
+//!
+//! The decision path never writes to the store (writes go to the write-behind queue after the
+//! answer) and never holds a lock across an await. A scan, once started, runs to its own end
+//! (bounded by `scan_deadline`) even when the request that started it has stopped waiting, so
+//! that its verdict serves the next request.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use fleetscan_core::{DEFAULT_TENANT, Policy, ScannerIdentity, Sha256, Verdict, now_unix_ms};
+use fleetscan_store::Store;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{Semaphore, watch};
+use tracing::{info, warn};
+
+use crate::cache::{Identities, IdentityId, InternedIdentity, VerdictCache};
+use crate::config::BrokerConfig;
+use crate::content::ContentSource;
+use crate::decide::Resolution;
+use crate::flight::{Joined, Leader, SingleFlight, Waiter};
+use crate::scheduler::{EnqueueError, JobPayload, RunOutcome, Scheduler};
+use crate::stats::{Stats, bump};
+use crate::writer::{WriteBehind, WriteOp};
+
+/// The pool agents and applications are served by until pools are configured per tenant.
+pub const DEFAULT_POOL: &str = "default";
+
+/// Content held for scans at once, in KiB (1 GiB): bounds the memory of uploads in progress.
+/// A fetch waits for room, within its scan deadline.
+const CONTENT_BUDGET_KIB: u32 = 1024 * 1024;
+
+type FlightKey = (Sha256, IdentityId);
+
+/// A request for the verdict on one content.
+pub struct Lookup {
+    pub sha256: Sha256,
+    pub size: u64,
+    pub tenant: String,
+    pub pool: &'static str,
+    pub path_hint: String,
+    /// Where the content can be had if it must be scanned.
+    pub source: ContentSource,
+}
+
+/// The answer to a [`Lookup`]: at once, or after a flight.
+pub enum Pending {
+    Ready(Resolution),
+    Wait(Waiter<Resolution>),
+}
+
+/// One connected agent session, for the admin API.
+#[derive(Clone, Debug)]
+pub struct SessionInfo {
+    pub tenant: String,
+    pub node: String,
+}
+
+pub struct Engine {
+    pub config: BrokerConfig,
+    pub store: Store,
+    pub cache: VerdictCache,
+    pub identities: Identities,
+    /// Each pool's current scanner identity: the one whose verdicts are used.
+    current: RwLock<HashMap<String, Arc<InternedIdentity>>>,
+    flights: SingleFlight<FlightKey, Resolution, ContentSource>,
+    pub scheduler: Arc<Scheduler>,
+    pub writer: WriteBehind,
+    pub stats: Stats,
+    /// Bumped whenever a pool's identity changes; agents flush decisions of other generations.
+    pub generation: watch::Sender<u64>,
+    pub sessions: Mutex<HashMap<u64, SessionInfo>>,
+    content_budget: Arc<Semaphore>,
+    /// Turns true when the broker shuts down; long-lived streams end on it.
+    pub stop: watch::Receiver<bool>,
+}
+
+impl Engine {
+    pub fn new(
+        config: BrokerConfig,
+        store: Store,
+        writer: WriteBehind,
+        stop: watch::Receiver<bool>,
+    ) -> Self {
+        // Starting from the clock keeps generations of successive broker runs apart, so an
+        // agent reconnecting to a restarted broker never keeps decisions of older rules.
+        let first_generation = u64::try_from(now_unix_ms()).unwrap_or(1).max(1);
+        Engine {
+            cache: VerdictCache::new(config.verdict_cache_capacity),
+            config,
+            store,
+            identities: Identities::default(),
+            current: RwLock::new(HashMap::new()),
+            flights: SingleFlight::default(),
+            scheduler: Arc::new(Scheduler::default()),
+            writer,
+            stats: Stats::default(),
+            generation: watch::channel(first_generation).0,
+            sessions: Mutex::new(HashMap::new()),
+            content_budget: Arc::new(Semaphore::new(CONTENT_BUDGET_KIB as usize)),
+            stop,
+        }
+    }
+
+    /// The policy of a tenant. Only the default tenant's is configured today; every tenant
+    /// gets it.
+    pub fn policy(&self, _tenant: &str) -> &Policy {
+        &self.config.policy
+    }
+
+    /// The pool's current scanner identity, if a worker ever registered.
+    pub fn current(&self, pool: &str) -> Option<Arc<InternedIdentity>> {
+        self.current.read().get(pool).cloned()
+    }
+
+    /// Makes `identity` the pool's current one. When it differs from the previous one, older
+    /// verdicts are no longer used (they are keyed by identity), the verdict generation is
+    /// bumped, and every connected agent is told to flush (through the generation watch).
+    pub fn set_pool_identity(&self, pool: &str, identity: &ScannerIdentity) -> bool {
+        let interned = self.identities.intern(identity);
+        {
+            let mut current = self.current.write();
+            if current.get(pool).is_some_and(|c| c.id == interned.id) {
+                return false;
+            }
+            current.insert(pool.to_owned(), interned);
+        }
+        let mut generation = 0;
+        self.generation.send_modify(|g| {
+            *g += 1;
+            generation = *g;
+        });
+        info!(
+            pool,
+            scanner = %identity.scanner,
+            engine = %identity.engine,
+            engine_version = %identity.engine_version,
+            ruleset_version = %identity.ruleset_version,
+            generation,
+            "scanner identity changed; agents flush cached decisions"
+        );
+        true
+    }
+
+    /// The cached verdict of the pool's current identity, if any: the hot path.
+    pub fn cached(&self, sha256: &Sha256, pool: &str) -> Option<Arc<Verdict>> {
+        let current = self.current.read();
+        let identity = current.get(pool)?;
+        self.cache.get(sha256, identity.id)
+    }
+
+    /// Resolves a content's verdict under the pool's current identity. Concurrent lookups of
+    /// one content share one flight: one store look-up, one content upload, one job.
+    pub fn resolve(self: &Arc<Self>, lookup: Lookup) -> (Option<IdentityId>, Pending) {
+        let Some(identity) = self.current(lookup.pool) else {
+            let policy = self.policy(&lookup.tenant);
+            let resolution = if lookup.size > policy.max_file_size {
+                Resolution::Oversize(lookup.size)
+            } else {
+                Resolution::Failed("no live scanner".into())
+            };
+            return (None, Pending::Ready(resolution));
+        };
+        if let Some(v) = self.cache.get(&lookup.sha256, identity.id) {
+            bump(&self.stats.cache_hits);
+            return (Some(identity.id), Pending::Ready(Resolution::Verdict(v)));
+        }
+        let key = (lookup.sha256, identity.id);
+        let id = identity.id;
+        let pending = match self.flights.join(key, lookup.source) {
+            Joined::Leader(leader) => {
+                let waiter = leader.waiter();
+                let engine = self.clone();
+                let Lookup {
+                    sha256,
+                    size,
+                    tenant,
+                    pool,
+                    path_hint,
+                    source: _,
+                } = lookup;
+                tokio::spawn(async move {
+                    let job = Job {
+                        sha256,
+                        size,
+                        tenant,
+                        pool,
+                        path_hint,
+                    };
+                    engine.fly(leader, identity, job).await;
+                });
+                Pending::Wait(waiter)
+            }
+            Joined::Follower(waiter) => {
+                bump(&self.stats.scans_deduplicated);
+                Pending::Wait(waiter)
+            }
+        };
+        (Some(id), pending)
+    }
+
+    /// Leads one flight to its end, bounded by `scan_deadline`, and publishes the result.
+    async fn fly(
+        self: Arc<Self>,
+        leader: Leader<FlightKey, Resolution, ContentSource>,
+        identity: Arc<InternedIdentity>,
+        job: Job,
+    ) {
+        let resolution = match tokio::time::timeout(
+            self.config.scan_deadline,
+            self.resolve_miss(&leader, &identity, &job),
+        )
+        .await
+        {
+            Ok(resolution) => resolution,
+            Err(_) => {
+                bump(&self.stats.scan_errors);
+                warn!(sha256 = %job.sha256, "scan deadline exceeded");
+                Resolution::Failed("scan deadline exceeded".into())
+            }
+        };
+        leader.complete(resolution);
+    }
+
+    async fn resolve_miss(
+        &self,
+        leader: &Leader<FlightKey, Resolution, ContentSource>,
+        identity: &InternedIdentity,
+        job: &Job,
+    ) -> Resolution {
+        // A flight that just ended may have cached the verdict after our caller looked.
+        if let Some(v) = self.cache.get(&job.sha256, identity.id) {
+            return Resolution::Verdict(v);
+        }
+        match self
+            .store
+            .find_verdict(&job.sha256, &identity.identity)
+            .await
+        {
+            Ok(Some(v)) => {
+                bump(&self.stats.store_hits);
+                let v = Arc::new(v);
+                self.cache.insert(identity.id, v.clone());
+                return Resolution::Verdict(v);
+            }
+            Ok(None) => {}
+            // The store being down must not stop scanning: carry on as for unknown content.
+            Err(e) => warn!(error = %e, sha256 = %job.sha256, "verdict look-up failed"),
+        }
+        let policy = self.policy(&job.tenant);
+        if job.size > policy.max_file_size {
+            return Resolution::Oversize(job.size);
+        }
+        if !self.scheduler.is_live(job.pool, &job.tenant, job.size) {
+            return Resolution::Failed("no live scanner".into());
+        }
+        let kib = u32::try_from(job.size.div_ceil(1024))
+            .unwrap_or(u32::MAX)
+            .clamp(1, CONTENT_BUDGET_KIB);
+        let Ok(_budget) = self.content_budget.clone().acquire_many_owned(kib).await else {
+            return Resolution::Failed("broker shutting down".into());
+        };
+        let mut last_error = String::from("no agent could provide it");
+        let content = loop {
+            let Some(source) = leader.next_source() else {
+                bump(&self.stats.scan_errors);
+                return Resolution::Failed(format!("content unavailable: {last_error}"));
+            };
+            match source
+                .fetch(&job.sha256, job.size, self.config.job_deadline)
+                .await
+            {
+                Ok(content) => break content,
+                Err(e) => {
+                    warn!(sha256 = %job.sha256, error = %e, "content upload failed; trying another source");
+                    last_error = e;
+                }
+            }
+        };
+        bump(&self.stats.scans_started);
+        let payload = Arc::new(JobPayload {
+            sha256: job.sha256,
+            tenant: job.tenant.clone(),
+            content,
+            path_hint: job.path_hint.clone(),
+        });
+        match self
+            .scheduler
+            .run(
+                job.pool,
+                payload,
+                self.config.max_tries,
+                self.config.job_deadline,
+            )
+            .await
+        {
+            RunOutcome::Report(report) => {
+                let verdict = Arc::new(Verdict {
+                    sha256: job.sha256,
+                    scanner: report.identity,
+                    kind: report.kind,
+                    threat_name: report.threat_name,
+                    detail: report.detail,
+                    scanned_at_unix_ms: now_unix_ms(),
+                    scan_micros: report.scan_micros,
+                });
+                if verdict.kind.is_conclusive() {
+                    let id = self.identities.intern(&verdict.scanner).id;
+                    self.cache.insert(id, verdict.clone());
+                    self.writer.submit(WriteOp::Verdict(verdict.clone()));
+                } else {
+                    bump(&self.stats.scan_errors);
+                }
+                Resolution::Verdict(verdict)
+            }
+            RunOutcome::Failed(why) => {
+                bump(&self.stats.scan_errors);
+                Resolution::Failed(why)
+            }
+            RunOutcome::Refused(e) => {
+                if e == EnqueueError::QueueFull {
+                    bump(&self.stats.queue_rejected);
+                    warn!(sha256 = %job.sha256, "scan queue full; the fail mode decides");
+                }
+                Resolution::Failed(e.to_string())
+            }
+        }
+    }
+
+    /// Whether an agent of the node is connected to this broker now.
+    pub fn connected_nodes(&self, tenant: &str) -> Vec<String> {
+        self.sessions
+            .lock()
+            .values()
+            .filter(|s| s.tenant == tenant)
+            .map(|s| s.node.clone())
+            .collect()
+    }
+}
+
+/// What a flight scans.
+struct Job {
+    sha256: Sha256,
+    size: u64,
+    tenant: String,
+    pool: &'static str,
+    path_hint: String,
+}
+
+/// The tenant a peer named, or the default one.
+pub fn tenant_or_default(tenant: &str) -> String {
+    if tenant.is_empty() {
+        DEFAULT_TENANT.to_owned()
+    } else {
+        tenant.to_owned()
+    }
+}
+
+/// Resolves once the broker is shutting down (or is gone).
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not `Send`: drop it here, not in the caller's select.
+    let _ = stop.wait_for(|s| *s).await.map(|_| ());
+}

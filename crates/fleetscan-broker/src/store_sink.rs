@@ -1,0 +1,52 @@
+//! The store as the write-behind queue's sink: each call maps the store's error to "retry
+//! later" (the store is unreachable) or "refused".
+
+use fleetscan_core::{AccessRecord, Verdict};
+use fleetscan_store::{Store, StoreError};
+
+use crate::writer::{HostSeen, Sink, SinkError};
+
+fn classify(e: StoreError) -> SinkError {
+    SinkError {
+        retryable: e.is_unavailable(),
+        message: e.to_string(),
+    }
+}
+
+impl Sink for Store {
+    async fn host_seen(&self, h: &HostSeen) -> Result<(), SinkError> {
+        Store::host_seen(
+            self,
+            &h.tenant,
+            &h.node,
+            &h.cluster,
+            &h.agent_version,
+            h.at_unix_ms,
+        )
+        .await
+        .map_err(classify)
+    }
+
+    async fn put_verdict(&self, verdict: &Verdict) -> Result<(), SinkError> {
+        Store::put_verdict(self, verdict).await.map_err(classify)
+    }
+
+    async fn record_accesses(&self, records: &[AccessRecord]) -> Result<(), SinkError> {
+        Store::record_accesses(self, records)
+            .await
+            .map(drop)
+            .map_err(classify)
+    }
+
+    async fn add_host_counts(
+        &self,
+        tenant: &str,
+        node: &str,
+        allowed: u64,
+        denied: u64,
+    ) -> Result<(), SinkError> {
+        Store::add_host_counts(self, tenant, node, allowed, denied)
+            .await
+            .map_err(classify)
+    }
+}

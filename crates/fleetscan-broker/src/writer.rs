@@ -1,0 +1,609 @@
+//! Write-behind persistence of verdicts, access records and host rows.
+//!
+//! The decision path only ever calls [`WriteBehind::submit`], which never waits: it puts the
+//! record in a bounded queue, or — when the queue is full — drops it and counts the loss
+//! (`records_lost`, logged). One writer task drains the queue in batches (up to
+//! [`MAX_BATCH`] records or [`LINGER`]) into a [`Sink`] (the store). On a store error it keeps
+//! the batch and retries with backoff, resuming where the batch stopped, so nothing is lost while
+//! the queue has room. On shutdown the queue is closed and drained within a deadline; whatever is
+//! left then is counted as lost and logged. Never lose a record silently.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use fleetscan_core::{AccessRecord, Verdict, now_unix_ms};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+/// Largest number of records written in one batch.
+pub const MAX_BATCH: usize = 1000;
+/// How long the writer waits for more records before writing a partial batch.
+pub const LINGER: Duration = Duration::from_millis(50);
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Tries of a batch that fails with a non-retryable error before it is given up (and counted).
+const MAX_PERMANENT_FAILURES: u32 = 3;
+
+/// A host's presence, as `Store::host_seen` takes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostSeen {
+    pub tenant: String,
+    pub node: String,
+    pub cluster: String,
+    pub agent_version: String,
+    pub at_unix_ms: i64,
+}
+
+/// One record to persist.
+#[derive(Clone, Debug)]
+pub enum WriteOp {
+    Verdict(Arc<Verdict>),
+    Access(Box<AccessRecord>),
+    HostSeen(HostSeen),
+    HostCounts {
+        tenant: String,
+        node: String,
+        allowed: u64,
+        denied: u64,
+    },
+}
+
+/// A failed write, classified so that the writer knows whether waiting may help.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct SinkError {
+    /// The store is unreachable (connection lost, pool timeout): retry until it is back.
+    pub retryable: bool,
+    pub message: String,
+}
+
+/// Where the writer puts records; the store in production, a fake in tests.
+pub trait Sink: Send + Sync + 'static {
+    fn host_seen(&self, host: &HostSeen) -> impl Future<Output = Result<(), SinkError>> + Send;
+    fn put_verdict(&self, verdict: &Verdict) -> impl Future<Output = Result<(), SinkError>> + Send;
+    fn record_accesses(
+        &self,
+        records: &[AccessRecord],
+    ) -> impl Future<Output = Result<(), SinkError>> + Send;
+    fn add_host_counts(
+        &self,
+        tenant: &str,
+        node: &str,
+        allowed: u64,
+        denied: u64,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send;
+}
+
+#[derive(Default)]
+struct Shared {
+    lost: AtomicU64,
+    /// Records taken off the queue but not yet written.
+    in_batch: AtomicU64,
+    last_loss_log_ms: AtomicI64,
+}
+
+impl Shared {
+    fn lose(&self, n: u64, why: &'static str) {
+        if n == 0 {
+            return;
+        }
+        let total = self.lost.fetch_add(n, Ordering::Relaxed) + n;
+        // Log at most once a second: a full queue can drop thousands of records a second.
+        let now = now_unix_ms();
+        let last = self.last_loss_log_ms.load(Ordering::Relaxed);
+        if now - last >= 1000
+            && self
+                .last_loss_log_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            error!(lost = n, records_lost = total, why, "records lost");
+        }
+    }
+}
+
+/// The submitting side of the write-behind queue. Cheap to clone.
+#[derive(Clone)]
+pub struct WriteBehind {
+    tx: mpsc::Sender<WriteOp>,
+    shared: Arc<Shared>,
+}
+
+/// The receiving side, until [`spawn_writer`] runs it.
+pub struct WriteQueue {
+    rx: mpsc::Receiver<WriteOp>,
+    shared: Arc<Shared>,
+}
+
+/// A write-behind queue of `capacity` records (at least one).
+pub fn write_behind(capacity: usize) -> (WriteBehind, WriteQueue) {
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    let shared = Arc::new(Shared::default());
+    (
+        WriteBehind {
+            tx,
+            shared: shared.clone(),
+        },
+        WriteQueue { rx, shared },
+    )
+}
+
+impl WriteBehind {
+    /// Queues a record without waiting. When the queue is full (or closed by shutdown) the record
+    /// is dropped, counted in `records_lost` and logged; returns whether it was queued.
+    pub fn submit(&self, op: WriteOp) -> bool {
+        match self.tx.try_send(op) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.shared.lose(1, "write queue full");
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.shared.lose(1, "write queue closed");
+                false
+            }
+        }
+    }
+
+    /// Records given up on since start.
+    pub fn records_lost(&self) -> u64 {
+        self.shared.lost.load(Ordering::Relaxed)
+    }
+
+    /// Records waiting to be written: queued plus taken into the current batch.
+    pub fn backlog(&self) -> u64 {
+        let queued = self.tx.max_capacity() - self.tx.capacity();
+        queued as u64 + self.shared.in_batch.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Running,
+    /// Shutdown: take no new records, write what is queued.
+    Draining,
+    /// The drain deadline passed: count what is left as lost and stop.
+    Abort,
+}
+
+/// The running writer task.
+pub struct WriterHandle {
+    phase: watch::Sender<Phase>,
+    task: JoinHandle<()>,
+    shared: Arc<Shared>,
+}
+
+/// Starts the writer task draining `queue` into `sink`.
+pub fn spawn_writer<S: Sink>(queue: WriteQueue, sink: S) -> WriterHandle {
+    let (phase, phase_rx) = watch::channel(Phase::Running);
+    let shared = queue.shared.clone();
+    let writer = Writer {
+        rx: queue.rx,
+        shared: queue.shared,
+        sink,
+        phase: phase_rx,
+    };
+    WriterHandle {
+        phase,
+        task: tokio::spawn(writer.run()),
+        shared,
+    }
+}
+
+impl WriterHandle {
+    /// Closes the queue and writes what is in it, for at most `deadline`; what is left then is
+    /// counted as lost and logged. Returns the total of records lost since start.
+    pub async fn shutdown(mut self, deadline: Duration) -> u64 {
+        self.phase.send_replace(Phase::Draining);
+        if tokio::time::timeout(deadline, &mut self.task)
+            .await
+            .is_err()
+        {
+            warn!(
+                deadline_ms = deadline.as_millis() as u64,
+                "write-behind queue not drained in time; giving up on the rest"
+            );
+            self.phase.send_replace(Phase::Abort);
+            // The writer notices the abort at its next await; it counts what it drops.
+            let _ = (&mut self.task).await;
+        }
+        let lost = self.shared.lost.load(Ordering::Relaxed);
+        info!(records_lost = lost, "write-behind queue closed");
+        lost
+    }
+}
+
+/// Records taken off the queue, merged by kind.
+#[derive(Default)]
+struct Batch {
+    hosts: HashMap<(String, String), HostSeen>,
+    host_ops: u64,
+    verdicts: Vec<Arc<Verdict>>,
+    accesses: Vec<AccessRecord>,
+    counts: HashMap<(String, String), (u64, u64)>,
+    count_ops: u64,
+}
+
+impl Batch {
+    fn add(&mut self, op: WriteOp) {
+        match op {
+            WriteOp::Verdict(v) => self.verdicts.push(v),
+            WriteOp::Access(a) => self.accesses.push(*a),
+            WriteOp::HostSeen(h) => {
+                self.host_ops += 1;
+                // Only the latest sighting of a host matters.
+                self.hosts.insert((h.tenant.clone(), h.node.clone()), h);
+            }
+            WriteOp::HostCounts {
+                tenant,
+                node,
+                allowed,
+                denied,
+            } => {
+                self.count_ops += 1;
+                let c = self.counts.entry((tenant, node)).or_default();
+                c.0 += allowed;
+                c.1 += denied;
+            }
+        }
+    }
+
+    /// Records not yet written.
+    fn pending(&self) -> u64 {
+        self.host_ops + self.verdicts.len() as u64 + self.accesses.len() as u64 + self.count_ops
+    }
+}
+
+struct Writer<S> {
+    rx: mpsc::Receiver<WriteOp>,
+    shared: Arc<Shared>,
+    sink: S,
+    phase: watch::Receiver<Phase>,
+}
+
+impl<S: Sink> Writer<S> {
+    async fn run(mut self) {
+        let mut closed = false;
+        loop {
+            let first = if closed {
+                self.rx.recv().await
+            } else {
+                tokio::select! {
+                    op = self.rx.recv() => op,
+                    _ = self.phase.wait_for(|p| *p != Phase::Running) => {
+                        // New records are refused (and counted) from here on.
+                        self.rx.close();
+                        closed = true;
+                        continue;
+                    }
+                }
+            };
+            let Some(first) = first else { break };
+            let mut batch = Batch::default();
+            batch.add(first);
+            let linger = tokio::time::sleep(LINGER);
+            tokio::pin!(linger);
+            while batch.pending() < MAX_BATCH as u64 {
+                tokio::select! {
+                    op = self.rx.recv() => match op {
+                        Some(op) => batch.add(op),
+                        None => break,
+                    },
+                    _ = &mut linger => break,
+                }
+            }
+            if !self.write(&mut batch).await {
+                // Aborted: count the batch's rest and everything still queued as lost.
+                self.rx.close();
+                let mut left = batch.pending();
+                while self.rx.try_recv().is_ok() {
+                    left += 1;
+                }
+                self.shared.in_batch.store(0, Ordering::Relaxed);
+                self.shared
+                    .lose(left, "shutdown before the store took them");
+                return;
+            }
+        }
+    }
+
+    /// Writes the batch, retrying store errors with backoff. Returns false when aborted.
+    async fn write(&mut self, batch: &mut Batch) -> bool {
+        let mut backoff = FIRST_BACKOFF;
+        let mut permanent_failures = 0;
+        loop {
+            self.shared
+                .in_batch
+                .store(batch.pending(), Ordering::Relaxed);
+            let attempt = tokio::select! {
+                r = write_batch(&self.sink, batch) => r,
+                _ = self.phase.wait_for(|p| *p == Phase::Abort) => return false,
+            };
+            match attempt {
+                Ok(()) => {
+                    self.shared.in_batch.store(0, Ordering::Relaxed);
+                    return true;
+                }
+                Err(e) if !e.retryable => {
+                    permanent_failures += 1;
+                    if permanent_failures >= MAX_PERMANENT_FAILURES {
+                        error!(error = %e, pending = batch.pending(), "store refused a batch; giving up on it");
+                        self.shared.lose(batch.pending(), "store refused the batch");
+                        self.shared.in_batch.store(0, Ordering::Relaxed);
+                        return true;
+                    }
+                    warn!(error = %e, pending = batch.pending(), "store write failed; retrying");
+                }
+                Err(e) => {
+                    warn!(error = %e, pending = batch.pending(), backoff_ms = backoff.as_millis() as u64, "store unavailable; retrying");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = self.phase.wait_for(|p| *p == Phase::Abort) => return false,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+}
+
+/// Writes what is left of the batch, removing each part once the sink took it, so that a retry
+/// resumes after the last success (access inserts are not idempotent).
+async fn write_batch<S: Sink>(sink: &S, batch: &mut Batch) -> Result<(), SinkError> {
+    // Host rows first: counts and accesses refer to them.
+    while let Some(key) = batch.hosts.keys().next().cloned() {
+        sink.host_seen(&batch.hosts[&key]).await?;
+        batch.hosts.remove(&key);
+    }
+    batch.host_ops = 0;
+    while let Some(v) = batch.verdicts.last() {
+        sink.put_verdict(v).await?;
+        batch.verdicts.pop();
+    }
+    if !batch.accesses.is_empty() {
+        sink.record_accesses(&batch.accesses).await?;
+        batch.accesses.clear();
+    }
+    while let Some(key) = batch.counts.keys().next().cloned() {
+        let (allowed, denied) = batch.counts[&key];
+        sink.add_host_counts(&key.0, &key.1, allowed, denied)
+            .await?;
+        batch.counts.remove(&key);
+    }
+    batch.count_ops = 0;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use fleetscan_core::{AccessKind, Action, DecidedBy, ScannerIdentity, Sha256, VerdictKind};
+    use parking_lot::Mutex;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Recorded {
+        access_batches: Vec<usize>,
+        accesses: usize,
+        verdicts: usize,
+        hosts: Vec<HostSeen>,
+        counts: HashMap<String, (u64, u64)>,
+        calls: u32,
+    }
+
+    /// A sink that fails its first `fail_first` calls, or every call when `fail_first` is
+    /// `u32::MAX`.
+    #[derive(Clone, Default)]
+    struct FakeSink {
+        recorded: Arc<Mutex<Recorded>>,
+        fail_first: u32,
+        retryable: bool,
+    }
+
+    impl FakeSink {
+        fn call(&self) -> Result<(), SinkError> {
+            let mut r = self.recorded.lock();
+            r.calls += 1;
+            if r.calls <= self.fail_first {
+                return Err(SinkError {
+                    retryable: self.retryable,
+                    message: "database is down".into(),
+                });
+            }
+            Ok(())
+        }
+    }
+
+    impl Sink for FakeSink {
+        async fn host_seen(&self, host: &HostSeen) -> Result<(), SinkError> {
+            self.call()?;
+            self.recorded.lock().hosts.push(host.clone());
+            Ok(())
+        }
+        async fn put_verdict(&self, _: &Verdict) -> Result<(), SinkError> {
+            self.call()?;
+            self.recorded.lock().verdicts += 1;
+            Ok(())
+        }
+        async fn record_accesses(&self, records: &[AccessRecord]) -> Result<(), SinkError> {
+            self.call()?;
+            let mut r = self.recorded.lock();
+            r.access_batches.push(records.len());
+            r.accesses += records.len();
+            Ok(())
+        }
+        async fn add_host_counts(
+            &self,
+            _tenant: &str,
+            node: &str,
+            allowed: u64,
+            denied: u64,
+        ) -> Result<(), SinkError> {
+            self.call()?;
+            let mut r = self.recorded.lock();
+            let c = r.counts.entry(node.to_owned()).or_default();
+            c.0 += allowed;
+            c.1 += denied;
+            Ok(())
+        }
+    }
+
+    fn access(i: u32) -> WriteOp {
+        WriteOp::Access(Box::new(AccessRecord {
+            at_unix_ms: 1,
+            tenant: "default".into(),
+            node: "n1".into(),
+            path: format!("/bin/{i}"),
+            kind: AccessKind::Open,
+            action: Action::Deny,
+            reason: "malicious: X".into(),
+            sha256: None,
+            threat_name: None,
+            pid: i,
+            uid: 0,
+            exe: String::new(),
+            decided_by: DecidedBy::Broker,
+        }))
+    }
+
+    fn verdict() -> WriteOp {
+        WriteOp::Verdict(Arc::new(Verdict {
+            sha256: Sha256::of(b"x"),
+            scanner: ScannerIdentity::default(),
+            kind: VerdictKind::Clean,
+            threat_name: None,
+            detail: None,
+            scanned_at_unix_ms: 0,
+            scan_micros: 0,
+        }))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn records_are_batched_and_all_written() {
+        let (wb, queue) = write_behind(10_000);
+        let sink = FakeSink::default();
+        let writer = spawn_writer(queue, sink.clone());
+        for i in 0..2500 {
+            assert!(wb.submit(access(i)));
+        }
+        wb.submit(verdict());
+        for _ in 0..3 {
+            wb.submit(WriteOp::HostCounts {
+                tenant: "default".into(),
+                node: "n1".into(),
+                allowed: 5,
+                denied: 1,
+            });
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        {
+            let r = sink.recorded.lock();
+            assert_eq!(r.accesses, 2500);
+            assert!(r.access_batches.iter().all(|n| *n <= MAX_BATCH));
+            assert!(r.access_batches.len() >= 3);
+            assert_eq!(r.verdicts, 1);
+            assert_eq!(r.counts["n1"], (15, 3), "counts are summed, never lost");
+        }
+        assert_eq!(wb.backlog(), 0);
+        assert_eq!(writer.shutdown(Duration::from_secs(5)).await, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn store_errors_are_retried_keeping_the_batch() {
+        let (wb, queue) = write_behind(100);
+        let sink = FakeSink {
+            fail_first: 5,
+            retryable: true,
+            ..Default::default()
+        };
+        let writer = spawn_writer(queue, sink.clone());
+        wb.submit(WriteOp::HostSeen(HostSeen {
+            tenant: "default".into(),
+            node: "n1".into(),
+            cluster: "c".into(),
+            agent_version: "1".into(),
+            at_unix_ms: 1,
+        }));
+        for i in 0..10 {
+            wb.submit(access(i));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(sink.recorded.lock().accesses, 0, "store still down");
+        assert!(wb.backlog() > 0);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        {
+            let r = sink.recorded.lock();
+            assert_eq!(r.accesses, 10);
+            assert_eq!(
+                r.access_batches,
+                vec![10],
+                "written once, after the store came back"
+            );
+            assert_eq!(r.hosts.len(), 1);
+        }
+        assert_eq!(wb.records_lost(), 0);
+        assert_eq!(writer.shutdown(Duration::from_secs(5)).await, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn full_queue_drops_and_counts_and_shutdown_counts_the_rest() {
+        let (wb, queue) = write_behind(5);
+        let sink = FakeSink {
+            fail_first: u32::MAX,
+            retryable: true,
+            ..Default::default()
+        };
+        let writer = spawn_writer(queue, sink.clone());
+        let accepted = (0..20).filter(|i| wb.submit(access(*i))).count();
+        assert_eq!(accepted, 5);
+        assert_eq!(wb.records_lost(), 15);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(wb.backlog(), 5, "queued or in the retried batch");
+        let lost = writer.shutdown(Duration::from_secs(2)).await;
+        assert_eq!(lost, 20, "every record is either written or counted");
+        assert_eq!(sink.recorded.lock().accesses, 0);
+        assert!(!wb.submit(access(99)), "closed after shutdown");
+        assert_eq!(wb.records_lost(), 21);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_drains_the_queue_first() {
+        let (wb, queue) = write_behind(10_000);
+        let sink = FakeSink::default();
+        let writer = spawn_writer(queue, sink.clone());
+        for i in 0..3000 {
+            wb.submit(access(i));
+        }
+        let lost = writer.shutdown(Duration::from_secs(5)).await;
+        assert_eq!(lost, 0);
+        assert_eq!(sink.recorded.lock().accesses, 3000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_the_store_refuses_is_given_up_and_counted() {
+        let (wb, queue) = write_behind(100);
+        let sink = FakeSink {
+            fail_first: 3,
+            retryable: false,
+            ..Default::default()
+        };
+        let writer = spawn_writer(queue, sink.clone());
+        for i in 0..4 {
+            wb.submit(access(i));
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(wb.records_lost(), 4);
+        wb.submit(access(9));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            sink.recorded.lock().accesses,
+            1,
+            "later batches still go through"
+        );
+        assert_eq!(writer.shutdown(Duration::from_secs(5)).await, 4);
+    }
+}
