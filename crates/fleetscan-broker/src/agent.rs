@@ -113,8 +113,6 @@ impl v1::agent_service_server::AgentService for AgentSvc {
                 verdict_generation,
             })),
         };
-        // The channel is empty: the first message always fits.
-        let _ = tx.try_send(Ok(accepted));
         drop(tx);
         engine.sessions.lock().insert(
             session.id,
@@ -126,19 +124,22 @@ impl v1::agent_service_server::AgentService for AgentSvc {
         session.host_seen(&engine);
         info!(node = %session.node, tenant = %session.tenant, cluster = %session.cluster, agent_version = %session.agent_version, "agent connected");
         let stop = engine.stop.clone();
-        let outbound = outbound(rx, generation, stop.clone());
+        let outbound = outbound(accepted, rx, generation, stop.clone());
         tokio::spawn(read_loop(engine, session, inbound, stop));
         Ok(Response::new(outbound))
     }
 }
 
-/// The broker's side of the stream: queued messages, cache flushes, heartbeats.
+/// The broker's side of the stream: `SessionAccepted` first, always (a flush or a decision
+/// must never overtake it), then queued messages, cache flushes, heartbeats.
 fn outbound(
+    accepted: v1::BrokerMessage,
     mut rx: mpsc::Receiver<Result<v1::BrokerMessage, Status>>,
     mut generation: watch::Receiver<u64>,
     mut stop: watch::Receiver<bool>,
 ) -> SessionStream {
     Box::pin(async_stream::stream! {
+        yield Ok(accepted);
         let mut heartbeat =
             tokio::time::interval_at(Instant::now() + HEARTBEAT_PERIOD, HEARTBEAT_PERIOD);
         loop {
@@ -499,5 +500,37 @@ mod tests {
             DecidedBy::AgentNoBroker
         );
         assert_eq!(local_reason(99).0, DecidedBy::AgentCache);
+    }
+
+    /// A rule-set change racing with a new session must not put a CacheFlush (or anything else)
+    /// before SessionAccepted: the agent rejects a session that does not start with it.
+    #[tokio::test]
+    async fn session_accepted_is_always_the_first_message() {
+        use tokio_stream::StreamExt;
+
+        let (generation_tx, generation) = watch::channel(1u64);
+        let (_stop_tx, stop) = watch::channel(false);
+        let (tx, rx) = mpsc::channel(4);
+        let accepted = v1::BrokerMessage {
+            msg: Some(broker_message::Msg::Accepted(v1::SessionAccepted::default())),
+        };
+        // Both a flush and a queued message are ready before the stream is first polled.
+        generation_tx.send(2).unwrap();
+        tx.send(Ok(v1::BrokerMessage {
+            msg: Some(broker_message::Msg::Heartbeat(v1::Heartbeat::default())),
+        }))
+        .await
+        .unwrap();
+        let mut stream = outbound(accepted, rx, generation, stop);
+        let first = stream.next().await.unwrap().unwrap();
+        assert!(
+            matches!(first.msg, Some(broker_message::Msg::Accepted(_))),
+            "{first:?}"
+        );
+        let second = stream.next().await.unwrap().unwrap();
+        assert!(
+            matches!(second.msg, Some(broker_message::Msg::Flush(_))),
+            "{second:?}"
+        );
     }
 }

@@ -8,10 +8,11 @@ use std::sync::Arc;
 
 use fleetscan_core::{Action, Policy, Verdict};
 
-/// How long an agent may keep a decision that rests on a verdict. The agent also drops it when
-/// the file changes or the verdict generation changes, so this only bounds staleness of
-/// decisions whose rules did not change.
-pub const VERDICT_TTL_SECONDS: u32 = 3600;
+/// How long an agent may keep a decision that rests on a conclusive verdict: 0, no time limit.
+/// Such a decision is right until the file changes (the agent keys it by dev, inode, ctime and
+/// size) or the rules change (the verdict generation moves and agents flush), so the agent may
+/// hand clean files to the kernel as ignore marks, which cannot expire.
+pub const VERDICT_TTL_SECONDS: u32 = 0;
 
 /// How long an agent may keep an oversize decision: short, since the policy may change.
 pub const OVERSIZE_TTL_SECONDS: u32 = 600;
@@ -123,6 +124,9 @@ mod tests {
             (d.action, d.cacheable, d.record),
             (Action::Allow, true, false)
         );
+        // No time limit: the agent may turn it into a kernel ignore mark (which cannot expire);
+        // with a limit, warm opens would keep costing a round trip through user space.
+        assert_eq!(d.ttl_seconds, 0);
     }
 
     #[test]

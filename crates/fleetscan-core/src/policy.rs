@@ -242,7 +242,7 @@ mod tests {
         let p = Policy::default();
         let clean = verdict(VerdictKind::Clean, None);
         let bad = verdict(VerdictKind::Malicious, Some("EICAR"));
-        assert_eq!(p.decide(&[clean.clone()]).action, Action::Allow);
+        assert_eq!(p.decide(std::slice::from_ref(&clean)).action, Action::Allow);
         let o = p.decide(&[clean, bad]);
         assert_eq!(o.action, Action::Deny);
         assert!(o.reason.contains("EICAR"));

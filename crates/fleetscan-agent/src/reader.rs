@@ -1,0 +1,245 @@
+//! The fanotify read loop, on a thread of its own.
+//!
+//! Per event, in this order: the agent's own accesses are allowed before anything else (no
+//! statx, no log: the agent must never wait on itself); then files that are not regular or not
+//! protected are allowed at once; then the local cache decides; then, with no broker or too
+//! many events pending, the fail mode decides at once. Only what is left is parked in the
+//! pending map with a deadline and handed to the hashing pool.
+//!
+//! This thread never waits on the network, on the hashing pool or on the tokio runtime: every
+//! hand-off is a non-blocking `try_send`, and a full queue means "answer with the fail mode
+//! now". It reads files only through the event's descriptor and `/proc`.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use fleetscan_core::AccessKind;
+use fleetscan_fanotify::{Event, POLLIN, POLLPRI, PollFd, Response};
+use fleetscan_proto::v1;
+use tracing::{error, warn};
+
+use crate::cache::FileKey;
+use crate::mounts::{self, MountTable, Verdict};
+use crate::pending::PendingEvent;
+use crate::pool::HashPool;
+use crate::state::{ReportCtx, Shared, bump};
+
+/// How often the loop wakes to check for shutdown when nothing happens.
+const IDLE_POLL: Duration = Duration::from_millis(50);
+
+pub(crate) fn run(shared: Arc<Shared>, mut mounts: MountTable, pool: HashPool) {
+    while !shared.stopping.load(Ordering::SeqCst) {
+        let (ready, mounts_changed) = {
+            let mut fds = [
+                PollFd::new(shared.group.as_fd(), POLLIN),
+                PollFd::new(mounts.source().as_fd(), POLLPRI),
+            ];
+            match fleetscan_fanotify::poll(&mut fds, Some(IDLE_POLL)) {
+                Ok(_) => (fds[0].revents != 0, fds[1].revents != 0),
+                Err(e) => {
+                    error!(error = %e, "poll on the fanotify group failed");
+                    std::thread::sleep(IDLE_POLL);
+                    (true, false)
+                }
+            }
+        };
+        if mounts_changed && let Err(e) = mounts.refresh() {
+            warn!(error = %e, "re-reading mountinfo failed");
+        }
+        if ready {
+            read_batch(&shared, &mut mounts, &pool);
+        }
+    }
+    // Shutting down: the filesystem marks are gone, so what is queued, and what was in flight
+    // while they went, is all there is. Allow it, as closing the group would, until the group
+    // stays quiet for a moment.
+    loop {
+        let mut fds = [PollFd::new(shared.group.as_fd(), POLLIN)];
+        if !matches!(fleetscan_fanotify::poll(&mut fds, Some(DRAIN_QUIET)), Ok(n) if n > 0) {
+            break;
+        }
+        match shared.group.read_events() {
+            Ok((events, _)) => {
+                for ev in events {
+                    if let Some(fd) = ev.fd.as_ref()
+                        && ev.is_permission()
+                    {
+                        let _ = shared.group.respond(fd.as_fd(), Response::Allow);
+                    }
+                }
+            }
+            Err(_) => break,
+        }
+    }
+}
+
+/// How long the group must stay quiet for the shutdown drain to end.
+const DRAIN_QUIET: Duration = Duration::from_millis(20);
+
+fn read_batch(shared: &Shared, mounts: &mut MountTable, pool: &HashPool) {
+    let (events, fault) = match shared.group.read_events() {
+        Ok(r) => r,
+        Err(e) => {
+            error!(error = %e, "reading fanotify events failed");
+            std::thread::sleep(Duration::from_millis(10));
+            return;
+        }
+    };
+    for ev in events {
+        handle(shared, mounts, pool, ev);
+    }
+    if let Some(f) = fault {
+        error!(error = %f, "malformed fanotify events skipped");
+    }
+}
+
+fn handle(shared: &Shared, mounts: &mut MountTable, pool: &HashPool, ev: Event) {
+    let Some(fd) = ev.fd.as_ref() else {
+        if ev.is_overflow() {
+            bump(&shared.counters.queue_overflows);
+            warn!("fanotify queue overflow");
+        }
+        return;
+    };
+    if !ev.is_permission() {
+        return;
+    }
+    // First thing, before any other work: the agent never waits on itself.
+    if ev.pid == shared.own_pid {
+        let _ = shared.group.respond(fd.as_fd(), Response::Allow);
+        bump(&shared.counters.own_pid);
+        return;
+    }
+    bump(&shared.counters.events);
+    let kind = if ev.is_exec() {
+        AccessKind::Exec
+    } else {
+        AccessKind::Open
+    };
+    let Event { fd, pid, pidfd, .. } = ev;
+    let file = File::from(fd.expect("checked above"));
+    let st = match fleetscan_fanotify::statx_fd(file.as_fd()) {
+        Ok(st) => st,
+        Err(e) => {
+            let outcome = shared.policy().on_failure(&format!("statx failed: {e}"));
+            bump(&shared.counters.unreadable);
+            let ctx = ReportCtx {
+                kind: Some(kind),
+                pid,
+                pidfd: pidfd.as_ref(),
+                ..Default::default()
+            };
+            shared.conclude(&file, &outcome, v1::LocalReason::Unreadable, ctx, true);
+            return;
+        }
+    };
+    if !st.is_regular() {
+        // Devices, FIFOs, sockets: nothing to scan, and reading a FIFO would block.
+        shared.answer(&file, fleetscan_core::Action::Allow);
+        bump(&shared.counters.unprotected);
+        return;
+    }
+    let path = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .map(mounts::strip_deleted)
+        .unwrap_or_default();
+    let protected =
+        shared
+            .protection
+            .classify(mounts, (st.dev_major, st.dev_minor), st.mnt_id, &path, pid);
+    if protected == Verdict::Unprotected {
+        shared.answer(&file, fleetscan_core::Action::Allow);
+        bump(&shared.counters.unprotected);
+        return;
+    }
+    let path = path.to_string_lossy().into_owned();
+    let key = FileKey::from(&st);
+    if let Some(hit) = shared.cached(&key) {
+        bump(&shared.counters.cache_hits);
+        let outcome = fleetscan_core::policy::Outcome {
+            action: hit.action,
+            reason: hit.reason.clone(),
+            cacheable: true,
+        };
+        let ctx = ReportCtx {
+            path: &path,
+            kind: Some(kind),
+            sha256: hit.sha256.clone(),
+            threat_name: hit.threat_name.clone(),
+            pid,
+            pidfd: pidfd.as_ref(),
+            subject: None,
+        };
+        shared.conclude(&file, &outcome, v1::LocalReason::Cached, ctx, false);
+        if hit.ignorable {
+            shared.refresh_ignore_mark(&file, &key);
+        }
+        return;
+    }
+    if !shared.broker_connected() {
+        bump(&shared.counters.no_broker);
+        let outcome = shared.policy().on_failure("no broker connected");
+        let ctx = ReportCtx {
+            path: &path,
+            kind: Some(kind),
+            pid,
+            pidfd: pidfd.as_ref(),
+            ..Default::default()
+        };
+        shared.conclude(&file, &outcome, v1::LocalReason::NoBroker, ctx, false);
+        return;
+    }
+    if shared.pending.len() >= shared.tuning.max_pending {
+        overloaded(shared, &file, &path, kind, pid, pidfd.as_ref());
+        return;
+    }
+    let id = shared.next_id();
+    let deadline = Instant::now() + shared.deadline();
+    let file = Arc::new(file);
+    shared.pending.insert(
+        id,
+        PendingEvent {
+            file: file.clone(),
+            key,
+            path: path.clone(),
+            kind,
+            pid,
+            pidfd: pidfd.map(Arc::new),
+            deadline,
+            generation: shared.generation(),
+            session: None,
+            sha256: None,
+            hashed_len: 0,
+            subject: None,
+        },
+    );
+    shared.deadlines.push(deadline, id);
+    if !pool.submit(id)
+        && let Some(ev) = shared.pending.take(id)
+    {
+        bump(&shared.counters.overloaded);
+        shared.fail_pending(ev, "hashing queue full", v1::LocalReason::Deadline);
+    }
+}
+
+fn overloaded(
+    shared: &Shared,
+    file: &File,
+    path: &str,
+    kind: AccessKind,
+    pid: i32,
+    pidfd: Option<&std::os::fd::OwnedFd>,
+) {
+    bump(&shared.counters.overloaded);
+    let outcome = shared.policy().on_failure("too many accesses pending");
+    let ctx = ReportCtx {
+        path,
+        kind: Some(kind),
+        pid,
+        pidfd,
+        ..Default::default()
+    };
+    shared.conclude(file, &outcome, v1::LocalReason::Deadline, ctx, true);
+}

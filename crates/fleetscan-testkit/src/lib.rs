@@ -1,0 +1,517 @@
+//! A sandbox for end-to-end tests and benchmarks: it starts the real `fleetscan` binary as
+//! brokers, workers and agents, mounts filesystems of its own for them to protect, and tears
+//! everything down again.
+//!
+//! Safety: an agent that stops answering permission events freezes whoever opens a file on its
+//! filesystems. Every sandbox therefore has a watchdog thread that kills all its processes when
+//! the sandbox outlives its hard limit (the kernel allows every pending event when an agent's
+//! fanotify fd closes), and the sandbox only ever marks filesystems it mounted itself.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fleetscan_proto::v1;
+use fleetscan_proto::v1::admin_service_client::AdminServiceClient;
+use tonic::transport::Channel;
+
+/// The standard 68-byte EICAR anti-virus test file.
+pub const EICAR: &[u8] = br"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
+
+/// How long any sandbox may live before its watchdog kills every process it started.
+pub const HARD_LIMIT: Duration = Duration::from_secs(240);
+
+/// Panics with a clear message unless the process runs as root (fanotify permission events and
+/// mounts need it).
+pub fn require_root() {
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_owned))
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        uid, "0",
+        "this test needs root: fanotify permission events and tmpfs mounts need CAP_SYS_ADMIN \
+         (run the suite as root, as CI does)"
+    );
+}
+
+/// One process the sandbox started.
+#[derive(Clone, Debug)]
+pub struct Proc {
+    pub name: String,
+    pub pid: u32,
+}
+
+/// A broker process and where it listens.
+#[derive(Clone, Debug)]
+pub struct BrokerProc {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub url: String,
+}
+
+struct Running {
+    proc: Proc,
+    child: Child,
+}
+
+#[derive(Default)]
+struct Shared {
+    running: Vec<Running>,
+    finished: bool,
+}
+
+pub struct Sandbox {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    shared: Arc<Mutex<Shared>>,
+    mounts: Vec<PathBuf>,
+    counter: usize,
+}
+
+impl Sandbox {
+    /// A sandbox that starts `bin` (the `fleetscan` binary). Needs root.
+    pub fn new(bin: impl Into<PathBuf>) -> Sandbox {
+        require_root();
+        let dir = tempfile::Builder::new()
+            .prefix("fleetscan-sandbox-")
+            .tempdir()
+            .expect("creating the sandbox directory");
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let watched = Arc::clone(&shared);
+        std::thread::spawn(move || watchdog(&watched));
+        Sandbox {
+            bin: bin.into(),
+            dir,
+            shared,
+            mounts: Vec::new(),
+            counter: 0,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn next(&mut self, what: &str) -> String {
+        self.counter += 1;
+        format!("{what}-{}", self.counter)
+    }
+
+    /// Mounts a fresh tmpfs under the sandbox and returns its path.
+    pub fn tmpfs(&mut self, name: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::create_dir_all(&path).expect("creating a mount point");
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=2g,mode=0755", "tmpfs"])
+                .arg(&path),
+        );
+        self.mounts.push(path.clone());
+        path
+    }
+
+    /// Bind-mounts `source` at a new path under the sandbox and returns it.
+    pub fn bind_mount(&mut self, source: &Path, name: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::create_dir_all(&path).expect("creating a mount point");
+        run_ok(Command::new("mount").arg("--bind").arg(source).arg(&path));
+        self.mounts.push(path.clone());
+        path
+    }
+
+    /// Starts `fleetscan <args>`, logs its stderr to `<dir>/<name>.log`, and waits (60 s at
+    /// most) for a line of its standard output that contains `ready_marker`; returns that line.
+    pub fn spawn(&mut self, name: &str, args: &[String], ready_marker: &str) -> (Proc, String) {
+        let log_path = self.dir.path().join(format!("{name}.log"));
+        let log = std::fs::File::create(&log_path).expect("creating a log file");
+        let mut child = Command::new(&self.bin)
+            .args(args)
+            .env("FLEETSCAN_LOG", "info,fleetscan=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", self.bin.display()));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let proc = Proc {
+            name: name.to_owned(),
+            pid: child.id(),
+        };
+        self.shared.lock().unwrap().running.push(Running {
+            proc: proc.clone(),
+            child,
+        });
+        let (tx, rx) = mpsc::channel();
+        let marker = ready_marker.to_owned();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if !sent && line.contains(&marker) {
+                    let _ = tx.send(line);
+                    sent = true;
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => (proc, line),
+            Err(_) => panic!(
+                "{name} did not become ready (no `{ready_marker}` on stdout); its log:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            ),
+        }
+    }
+
+    /// Starts a broker on a free loopback port (or `addr`) with a SQLite store of its own,
+    /// unless `args` name another.
+    pub fn broker_on(&mut self, addr: &str, args: &[&str]) -> BrokerProc {
+        let name = self.next("broker");
+        let data = self.dir.path().join(&name);
+        let mut full = vec![
+            "broker".to_owned(),
+            "--listen".to_owned(),
+            addr.to_owned(),
+            "--data-dir".to_owned(),
+            data.display().to_string(),
+        ];
+        full.extend(args.iter().map(|s| (*s).to_owned()));
+        let (proc, line) = self.spawn(&name, &full, "listening on");
+        let addr: SocketAddr = line
+            .split_whitespace()
+            .find_map(|w| w.parse().ok())
+            .unwrap_or_else(|| panic!("no address in `{line}`"));
+        BrokerProc {
+            proc,
+            addr,
+            url: format!("http://{addr}"),
+        }
+    }
+
+    pub fn broker(&mut self, args: &[&str]) -> BrokerProc {
+        self.broker_on("127.0.0.1:0", args)
+    }
+
+    /// Starts a reference worker attached to `broker_url`, and waits until the broker lists it
+    /// with credit.
+    pub fn worker(&mut self, broker_url: &str, args: &[&str]) -> Proc {
+        let name = self.next("worker");
+        let mut full = vec![
+            "worker".to_owned(),
+            "--broker".to_owned(),
+            broker_url.to_owned(),
+            "--name".to_owned(),
+            name.clone(),
+        ];
+        full.extend(args.iter().map(|s| (*s).to_owned()));
+        let (proc, _) = self.spawn(&name, &full, "attaching to");
+        block_on(wait_for_worker(broker_url, Some(&name)));
+        proc
+    }
+
+    /// Starts an agent named `node` protecting `protect`, connected to `brokers`, and waits
+    /// until its marks are in place.
+    pub fn agent(
+        &mut self,
+        node: &str,
+        brokers: &[&str],
+        protect: &[&Path],
+        args: &[&str],
+    ) -> Proc {
+        let mut full = vec!["agent".to_owned(), "--node".to_owned(), node.to_owned()];
+        for b in brokers {
+            full.push("--broker".to_owned());
+            full.push((*b).to_owned());
+        }
+        for p in protect {
+            full.push("--protect".to_owned());
+            full.push(p.display().to_string());
+        }
+        full.extend(args.iter().map(|s| (*s).to_owned()));
+        let name = format!("agent-{node}-{}", self.counter);
+        self.counter += 1;
+        self.spawn(&name, &full, "agent ready").0
+    }
+
+    /// Kills a process with SIGKILL and reaps it.
+    pub fn kill(&mut self, proc: &Proc) {
+        let mut shared = self.shared.lock().unwrap();
+        if let Some(i) = shared.running.iter().position(|r| r.proc.pid == proc.pid) {
+            let mut r = shared.running.remove(i);
+            let _ = r.child.kill();
+            let _ = r.child.wait();
+        }
+    }
+
+    /// Asks a process to stop with SIGTERM and waits for it (10 s at most, then SIGKILL).
+    /// Returns whether it exited successfully on its own.
+    pub fn stop(&mut self, proc: &Proc) -> bool {
+        let mut shared = self.shared.lock().unwrap();
+        let Some(i) = shared.running.iter().position(|r| r.proc.pid == proc.pid) else {
+            return false;
+        };
+        let mut r = shared.running.remove(i);
+        drop(shared);
+        let _ = Command::new("kill")
+            .args(["-TERM", &r.proc.pid.to_string()])
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(status)) = r.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = r.child.kill();
+        let _ = r.child.wait();
+        false
+    }
+
+    /// Sends `signal` (a name such as `STOP`, `CONT`, `TERM`) to a process of the sandbox.
+    pub fn signal(&self, proc: &Proc, signal: &str) {
+        run_ok(
+            Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(proc.pid.to_string()),
+        );
+    }
+
+    /// The log (stderr) of a process, for assertions and failure messages.
+    pub fn log(&self, proc: &Proc) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{}.log", proc.name)))
+            .unwrap_or_default()
+    }
+
+    fn dump_logs(&self) {
+        let Ok(entries) = std::fs::read_dir(self.dir.path()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "log") {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(60).collect();
+                eprintln!("===== {} (last lines) =====", p.display());
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        let mut shared = self.shared.lock().unwrap();
+        shared.finished = true;
+        // Agents first: their groups close and release any opener at once.
+        shared
+            .running
+            .sort_by_key(|r| !r.proc.name.starts_with("agent"));
+        for r in &mut shared.running {
+            let _ = r.child.kill();
+            let _ = r.child.wait();
+        }
+        shared.running.clear();
+        drop(shared);
+        for m in self.mounts.iter().rev() {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
+    }
+}
+
+fn watchdog(shared: &Mutex<Shared>) {
+    let start = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let mut s = shared.lock().unwrap();
+        if s.finished {
+            return;
+        }
+        if start.elapsed() > HARD_LIMIT {
+            eprintln!("sandbox watchdog: hard limit of {HARD_LIMIT:?} reached, killing everything");
+            for r in &mut s.running {
+                let _ = r.child.kill();
+            }
+            std::process::abort();
+        }
+    }
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) => tokio::task::block_in_place(|| h.block_on(f)),
+        Err(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+            .block_on(f),
+    }
+}
+
+/// An admin client for the broker at `url`.
+pub async fn admin(url: &str) -> AdminServiceClient<Channel> {
+    let start = Instant::now();
+    loop {
+        match AdminServiceClient::connect(url.to_owned()).await {
+            Ok(c) => return c,
+            Err(e) if start.elapsed() > Duration::from_secs(20) => {
+                panic!("cannot connect to the broker at {url}: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or panics after `limit` with `what`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the broker at `url` lists a worker with credit: the one named `name`, or any.
+pub async fn wait_for_worker(url: &str, name: Option<&str>) {
+    let client = admin(url).await;
+    let what = format!("worker {} to attach", name.unwrap_or("(any)"));
+    eventually(Duration::from_secs(30), &what, || {
+        let mut client = client.clone();
+        let name = name.map(str::to_owned);
+        async move {
+            let workers = client
+                .list_workers(v1::ListWorkersRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .workers;
+            workers
+                .iter()
+                .any(|w| name.as_ref().is_none_or(|n| &w.worker_name == n) && w.credits > 0)
+                .then_some(())
+        }
+    })
+    .await;
+}
+
+/// Waits until the broker at `url` lists `node` as connected.
+pub async fn wait_for_host(url: &str, node: &str) {
+    let client = admin(url).await;
+    eventually(
+        Duration::from_secs(30),
+        &format!("host {node} to connect"),
+        || {
+            let mut client = client.clone();
+            async move {
+                let hosts = client
+                    .list_hosts(v1::ListHostsRequest {})
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .hosts;
+                hosts
+                    .iter()
+                    .any(|h| h.node == node && h.connected)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+}
+
+/// The broker's counters.
+pub async fn stats(url: &str) -> v1::Stats {
+    admin(url)
+        .await
+        .get_stats(v1::GetStatsRequest {})
+        .await
+        .expect("GetStats")
+        .into_inner()
+}
+
+/// Every recorded access of the broker at `url`, newest first (up to 1000).
+pub async fn events(url: &str) -> Vec<v1::AccessEvent> {
+    admin(url)
+        .await
+        .list_events(v1::ListEventsRequest {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("ListEvents")
+        .into_inner()
+        .events
+}
+
+/// The outcome of opening a file from this process: how long `open` took, and its error.
+#[derive(Debug)]
+pub struct OpenOutcome {
+    pub elapsed: Duration,
+    pub result: std::io::Result<Vec<u8>>,
+}
+
+impl OpenOutcome {
+    pub fn denied(&self) -> bool {
+        matches!(&self.result, Err(e) if matches!(e.raw_os_error(), Some(1 | 13)))
+    }
+}
+
+/// Opens and reads `path` on a blocking thread, timing the open.
+pub async fn open_file(path: impl Into<PathBuf>) -> OpenOutcome {
+    let path = path.into();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let start = Instant::now();
+        let result = std::fs::File::open(&path).and_then(|mut f| {
+            let elapsed = start.elapsed();
+            let mut buf = Vec::new();
+            f.read_to_end(&mut buf)?;
+            Ok((elapsed, buf))
+        });
+        match result {
+            Ok((elapsed, buf)) => OpenOutcome {
+                elapsed,
+                result: Ok(buf),
+            },
+            Err(e) => OpenOutcome {
+                elapsed: start.elapsed(),
+                result: Err(e),
+            },
+        }
+    })
+    .await
+    .expect("open task")
+}
