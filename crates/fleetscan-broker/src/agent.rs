@@ -282,6 +282,7 @@ async fn access(engine: &Arc<Engine>, session: &Arc<Session>, request: v1::Acces
         source: ContentSource::Agent {
             link: session.link.clone(),
             request_id: request.request_id,
+            size: request.size,
         },
     });
     match pending {

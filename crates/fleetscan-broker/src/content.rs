@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -38,6 +39,9 @@ pub struct AgentLink {
     pub node: String,
     pub tx: mpsc::Sender<Result<v1::BrokerMessage, Status>>,
     pending: Mutex<HashMap<u64, mpsc::Sender<ContentEvent>>>,
+    /// Set (under `pending`'s lock) when the session's reader ended: no chunk can come any more,
+    /// so a fetch that starts later fails at once instead of stalling for its idle timeout.
+    closed: AtomicBool,
 }
 
 impl AgentLink {
@@ -46,6 +50,7 @@ impl AgentLink {
             node,
             tx,
             pending: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -62,7 +67,9 @@ impl AgentLink {
 
     /// The session ended: every fetch from it fails at once.
     pub fn close(&self) {
-        self.pending.lock().clear();
+        let mut pending = self.pending.lock();
+        self.closed.store(true, Ordering::Relaxed);
+        pending.clear();
     }
 }
 
@@ -86,16 +93,31 @@ pub enum ContentSource {
     Agent {
         link: Arc<AgentLink>,
         request_id: u64,
+        /// The size this agent declared for the content. Each source is held to its own claim:
+        /// another waiter's wrong size must not make this source's honest upload fail.
+        size: u64,
     },
 }
 
 impl ContentSource {
-    /// The content, verified against `sha256` and `size`; `idle` bounds the wait for each
-    /// message from an agent.
-    pub async fn fetch(self, sha256: &Sha256, size: u64, idle: Duration) -> Result<Bytes, String> {
-        let (link, request_id) = match self {
+    /// The size of the content this source claims to have.
+    pub fn size(&self) -> u64 {
+        match self {
+            ContentSource::Memory(bytes) => bytes.len() as u64,
+            ContentSource::Agent { size, .. } => *size,
+        }
+    }
+
+    /// The content, verified against `sha256` and the source's own declared size; `idle` bounds
+    /// the wait for each message from an agent.
+    pub async fn fetch(self, sha256: &Sha256, idle: Duration) -> Result<Bytes, String> {
+        let (link, request_id, size) = match self {
             ContentSource::Memory(bytes) => return Ok(bytes),
-            ContentSource::Agent { link, request_id } => (link, request_id),
+            ContentSource::Agent {
+                link,
+                request_id,
+                size,
+            } => (link, request_id, size),
         };
         if size == 0 {
             // Nothing to upload: the empty content is known.
@@ -107,7 +129,13 @@ impl ContentSource {
         }
         let capacity = usize::try_from(size).map_err(|_| "declared size too large")?;
         let (tx, mut rx) = mpsc::channel(CONTENT_CHANNEL);
-        link.pending.lock().insert(request_id, tx);
+        {
+            let mut pending = link.pending.lock();
+            if link.closed.load(Ordering::Relaxed) {
+                return Err("agent disconnected".into());
+            }
+            pending.insert(request_id, tx);
+        }
         let _registration = Registration {
             link: &link,
             request_id,
@@ -216,8 +244,9 @@ mod tests {
         let got = ContentSource::Agent {
             link,
             request_id: 7,
+            size: 11,
         }
-        .fetch(&Sha256::of(b"hello world"), 11, IDLE)
+        .fetch(&Sha256::of(b"hello world"), IDLE)
         .await
         .unwrap();
         assert_eq!(&got[..], b"hello world");
@@ -241,8 +270,9 @@ mod tests {
             let err = ContentSource::Agent {
                 link,
                 request_id: 1,
+                size: 11,
             }
-            .fetch(&Sha256::of(b"other thing"), 11, IDLE)
+            .fetch(&Sha256::of(b"other thing"), IDLE)
             .await
             .unwrap_err();
             assert!(err.contains(expected), "{err} should mention {expected}");
@@ -256,8 +286,9 @@ mod tests {
         let err = ContentSource::Agent {
             link: link.clone(),
             request_id: 1,
+            size: 1,
         }
-        .fetch(&Sha256::of(b"x"), 1, IDLE)
+        .fetch(&Sha256::of(b"x"), IDLE)
         .await
         .unwrap_err();
         assert!(err.contains("stalled"), "{err}");
@@ -268,11 +299,37 @@ mod tests {
         let err = ContentSource::Agent {
             link,
             request_id: 1,
+            size: 1,
         }
-        .fetch(&Sha256::of(b"x"), 1, IDLE)
+        .fetch(&Sha256::of(b"x"), IDLE)
         .await
         .unwrap_err();
         assert!(err.contains("disconnected"), "{err}");
+    }
+
+    /// A session that already ended is not asked for content: its reader is gone, so no chunk
+    /// could ever arrive, and waiting out the idle timeout would starve the flight's other
+    /// waiters of the time to fetch from another source.
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_session_fails_a_later_fetch_at_once() {
+        let (link, mut rx) = new_link();
+        link.close();
+        let started = tokio::time::Instant::now();
+        let err = ContentSource::Agent {
+            link: link.clone(),
+            request_id: 1,
+            size: 1,
+        }
+        .fetch(&Sha256::of(b"x"), IDLE)
+        .await
+        .unwrap_err();
+        assert!(err.contains("disconnected"), "{err}");
+        assert_eq!(started.elapsed(), Duration::ZERO, "failed at once");
+        assert!(
+            rx.try_recv().is_err(),
+            "no ContentRequest to a closed session"
+        );
+        assert!(link.pending.lock().is_empty(), "nothing registered");
     }
 
     #[tokio::test]
@@ -281,8 +338,9 @@ mod tests {
         let got = ContentSource::Agent {
             link,
             request_id: 1,
+            size: 0,
         }
-        .fetch(&Sha256::of(b""), 0, IDLE)
+        .fetch(&Sha256::of(b""), IDLE)
         .await
         .unwrap();
         assert!(got.is_empty());

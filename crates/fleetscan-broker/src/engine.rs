@@ -220,6 +220,22 @@ impl Engine {
                 Resolution::Failed("scan deadline exceeded".into())
             }
         };
+        // The pool's identity may have changed while the flight ran (a worker with new rules
+        // registered), or the job may have gone to a worker still running the old ones. A
+        // verdict of any identity but the current one must decide nothing from now on: the
+        // waiters get the fail mode (the verdict itself stays cached and stored under its own
+        // identity).
+        let resolution = match resolution {
+            Resolution::Verdict(v)
+                if self
+                    .current(job.pool)
+                    .is_none_or(|current| current.identity != v.scanner) =>
+            {
+                warn!(sha256 = %job.sha256, scanner = %v.scanner.scanner, ruleset_version = %v.scanner.ruleset_version, "verdict of a superseded scanner identity not used");
+                Resolution::Failed("verdict of a superseded scanner identity".into())
+            }
+            resolution => resolution,
+        };
         leader.complete(resolution);
     }
 
@@ -255,23 +271,28 @@ impl Engine {
         if !self.scheduler.is_live(job.pool, &job.tenant, job.size) {
             return Resolution::Failed("no live scanner".into());
         }
-        let kib = u32::try_from(job.size.div_ceil(1024))
-            .unwrap_or(u32::MAX)
-            .clamp(1, CONTENT_BUDGET_KIB);
-        let Ok(_budget) = self.content_budget.clone().acquire_many_owned(kib).await else {
-            return Resolution::Failed("broker shutting down".into());
-        };
         let mut last_error = String::from("no agent could provide it");
-        let content = loop {
+        // The budget is held until the scan ends: the content stays in memory until then.
+        let (content, _budget) = loop {
             let Some(source) = leader.next_source() else {
                 bump(&self.stats.scan_errors);
                 return Resolution::Failed(format!("content unavailable: {last_error}"));
             };
-            match source
-                .fetch(&job.sha256, job.size, self.config.job_deadline)
-                .await
-            {
-                Ok(content) => break content,
+            // Each source is held to the size it declared itself, not the leader's: one agent's
+            // wrong size must not fail the honest uploads of the flight's other waiters.
+            let size = source.size();
+            if size > policy.max_file_size {
+                last_error = format!("declared size {size} over the maximum");
+                continue;
+            }
+            let kib = u32::try_from(size.div_ceil(1024))
+                .unwrap_or(u32::MAX)
+                .clamp(1, CONTENT_BUDGET_KIB);
+            let Ok(budget) = self.content_budget.clone().acquire_many_owned(kib).await else {
+                return Resolution::Failed("broker shutting down".into());
+            };
+            match source.fetch(&job.sha256, self.config.job_deadline).await {
+                Ok(content) => break (content, budget),
                 Err(e) => {
                     warn!(sha256 = %job.sha256, error = %e, "content upload failed; trying another source");
                     last_error = e;

@@ -48,7 +48,8 @@ async fn known_verdict_is_answered_without_a_job() {
     let d = agent.decision().await;
     assert_eq!(d.action(), v1::Action::Deny);
     assert!(d.reason.contains("EICAR-Test-File"), "{}", d.reason);
-    assert!(d.cacheable && d.ttl_seconds > 0);
+    // No time limit: it holds until the file or the rules change (decide::VERDICT_TTL_SECONDS).
+    assert!(d.cacheable && d.ttl_seconds == 0);
     assert_eq!(d.verdicts.len(), 1);
     // The second time it comes from the memory cache.
     agent.request(2, EICAR, 5000).await;
@@ -379,6 +380,107 @@ async fn a_rule_set_change_flushes_agents_and_old_verdicts_are_not_reused() {
         d.verdicts[0].scanner.as_ref().unwrap().ruleset_version,
         "r2"
     );
+}
+
+/// A worker of the old rules that is still attached (and has credit) when a worker with new
+/// rules registers must not have its verdict decide a later access: the agents were told to
+/// flush, and a decision resting on the old rules would be cached by them again.
+#[tokio::test]
+async fn a_verdict_of_a_superseded_identity_decides_nothing() {
+    let broker = TestBroker::start(|c| c.policy.fail_mode = FailMode::Closed).await;
+    let mut old = broker.worker("old", &identity("r1")).await;
+    old.credit(1).await;
+    let mut agent = broker.agent("node-a").await;
+    // The new rules register but grant no credit yet: the old worker takes the next job.
+    let _new = broker.worker("new", &identity("r2")).await;
+    let flush = agent.flush().await;
+    assert_ne!(flush.verdict_generation, agent.accepted.verdict_generation);
+
+    agent.request(1, b"judged by whoever is free", 10_000).await;
+    let decided = tokio::spawn(async move { agent.decision().await });
+    let job = old.job().await;
+    old.answer(job.job.job_id, v1::VerdictResult::Clean, "")
+        .await;
+    let d = decided.await.unwrap();
+    assert!(
+        d.verdicts
+            .iter()
+            .all(|v| v.scanner.as_ref().is_none_or(|s| s.ruleset_version != "r1")),
+        "a decision after the rules changed rests on the old rules: {d:?}"
+    );
+    assert!(!d.cacheable, "{d:?}");
+    assert_eq!(
+        d.action(),
+        v1::Action::Deny,
+        "the fail mode decides: {}",
+        d.reason
+    );
+}
+
+/// The first agent to ask about new content declares a wrong size for it (e.g. the file grew
+/// between its stat and its read), so its upload fails. The flight must then fetch from another
+/// waiter, holding that waiter to the size it declared itself.
+#[tokio::test]
+async fn a_wrong_size_from_one_agent_does_not_fail_the_other_waiters() {
+    let broker = TestBroker::start(|_| {}).await;
+    let mut worker = broker.worker("w1", &identity("r1")).await;
+    worker.credit(1).await;
+    let content = b"content whose size one agent got wrong".to_vec();
+    let mut liar = broker.agent("node-liar").await;
+    let mut honest = broker.agent("node-honest").await;
+    liar.request_raw(v1::AccessRequest {
+        request_id: 1,
+        sha256: Sha256::of(&content).to_hex(),
+        size: content.len() as u64 + 5,
+        path: "/data/growing".into(),
+        kind: v1::AccessKind::Open.into(),
+        deadline_ms: 10_000,
+        ..Default::default()
+    })
+    .await;
+    let asked = liar
+        .next_within(WAIT)
+        .await
+        .expect("a content request in time")
+        .expect("stream ok");
+    assert!(
+        matches!(
+            asked.msg,
+            Some(v1::broker_message::Msg::ContentRequest(
+                v1::ContentRequest { request_id: 1 }
+            ))
+        ),
+        "{asked:?}"
+    );
+    honest.request(7, &content, 10_000).await;
+    eventually("the honest request to join the flight", || {
+        let broker = &broker;
+        async move { (broker.stats().await.scans_deduplicated == 1).then_some(()) }
+    })
+    .await;
+    // The liar uploads what it has, which is not the size it declared.
+    liar.send(agent_message::Msg::Content(v1::ContentChunk {
+        request_id: 1,
+        offset: 0,
+        data: content.clone(),
+        last: true,
+    }))
+    .await;
+    let decided = tokio::spawn(async move {
+        let d = honest.decision().await;
+        (honest, d)
+    });
+    let job = worker.job().await;
+    assert_eq!(job.content, content);
+    worker
+        .answer(job.job.job_id, v1::VerdictResult::Malicious, "Grown")
+        .await;
+    let (honest, d) = decided.await.unwrap();
+    assert_eq!(honest.content_requests, vec![7]);
+    assert_eq!(d.action(), v1::Action::Deny, "{}", d.reason);
+    let d = liar.decision().await;
+    assert_eq!(d.request_id, 1);
+    assert_eq!(d.action(), v1::Action::Deny, "{}", d.reason);
 }
 
 #[tokio::test]
