@@ -153,7 +153,8 @@ pub struct StatsSnapshot {
     pub deadline_expiries: u64,
     /// Answered with the fail mode because no broker session was up (or it was lost).
     pub no_broker: u64,
-    /// Answered with the fail mode because too much was pending or queued.
+    /// Answered with the fail mode because too much was pending or queued; also reads that
+    /// failed for want of descriptors (the kernel denied at least one access each time).
     pub overloaded: u64,
     pub broker_decisions: u64,
     /// Decisions that came after the event was answered.
@@ -246,6 +247,36 @@ fn protected_dir(path: &Path, mounts: &mut MountTable) -> Result<ProtectedDir, A
     })
 }
 
+/// Descriptors kept for everything but waiting accesses: the runtime, connections, the events
+/// of one read being sorted out.
+const RESERVED_FDS: u64 = 512;
+
+/// Makes room for the descriptors of waiting accesses. When the kernel cannot install an
+/// event's descriptor in `read(2)` it denies the access itself (no fail mode, no report), so
+/// the pending bound must stay below what the limit holds: beyond it the fail mode answers.
+fn fit_descriptor_limit(tuning: &mut AgentTuning) {
+    let limit = match fleetscan_fanotify::raise_nofile_limit() {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e, "raising the open-descriptor limit failed");
+            return;
+        }
+    };
+    // The event's descriptor and its pidfd.
+    let fit = usize::try_from(limit.saturating_sub(RESERVED_FDS) / 2)
+        .unwrap_or(usize::MAX)
+        .max(1);
+    if tuning.max_pending > fit {
+        warn!(
+            limit,
+            max_pending = tuning.max_pending,
+            fit,
+            "open-descriptor limit too low for max_pending, lowered"
+        );
+        tuning.max_pending = fit;
+    }
+}
+
 impl Agent {
     /// Creates the fanotify group and places the filesystem marks. When this returns Ok,
     /// protection is active (unknown files get the fail mode until a broker answers).
@@ -254,7 +285,10 @@ impl Agent {
     }
 
     /// [`Agent::start`] with explicit internal limits.
-    pub fn start_tuned(config: AgentConfig, tuning: AgentTuning) -> Result<Agent, AgentError> {
+    ///
+    /// Raises the process's soft limit on open descriptors to its hard limit (each waiting
+    /// access holds two), and lowers `max_pending` to what the limit can hold.
+    pub fn start_tuned(config: AgentConfig, mut tuning: AgentTuning) -> Result<Agent, AgentError> {
         if config.brokers.is_empty() {
             return Err(AgentError::Config("no broker url".into()));
         }
@@ -264,6 +298,7 @@ impl Agent {
         if config.decision_deadline.is_zero() {
             return Err(AgentError::Config("decision deadline is zero".into()));
         }
+        fit_descriptor_limit(&mut tuning);
         let group = match Fanotify::new(InitOptions { report_pidfd: true }) {
             Ok(g) => g,
             // Kernels before 5.15 have no FAN_REPORT_PIDFD: identify openers by pid alone.

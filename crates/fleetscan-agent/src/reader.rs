@@ -1,10 +1,11 @@
 //! The fanotify read loop, on a thread of its own.
 //!
-//! Per event, in this order: the agent's own accesses are allowed before anything else (no
-//! statx, no log: the agent must never wait on itself); then files that are not regular or not
-//! protected are allowed at once; then the local cache decides; then, with no broker or too
-//! many events pending, the fail mode decides at once. Only what is left is parked in the
-//! pending map with a deadline and handed to the hashing pool.
+//! Per batch, the agent's own accesses are allowed before any other event of it is looked at
+//! (no statx, no log: the agent must never wait on itself). Then per event, in this order:
+//! files that are not regular or not protected are allowed at once; then the local cache
+//! decides; then, with no broker or too many events pending, the fail mode decides at once.
+//! Only what is left is parked in the pending map with a deadline and handed to the hashing
+//! pool.
 //!
 //! This thread never waits on the network, on the hashing pool or on the tokio runtime: every
 //! hand-off is a non-blocking `try_send`, and a full queue means "answer with the fail mode
@@ -76,6 +77,10 @@ pub(crate) fn run(shared: Arc<Shared>, mut mounts: MountTable, pool: HashPool) {
     }
 }
 
+/// `EMFILE` and `ENFILE` (Linux numbers; the agent is Linux-only): out of descriptors.
+const EMFILE: i32 = 24;
+const ENFILE: i32 = 23;
+
 /// How long the group must stay quiet for the shutdown drain to end.
 const DRAIN_QUIET: Duration = Duration::from_millis(20);
 
@@ -83,34 +88,49 @@ fn read_batch(shared: &Shared, mounts: &mut MountTable, pool: &HashPool) {
     let (events, fault) = match shared.group.read_events() {
         Ok(r) => r,
         Err(e) => {
+            if let fleetscan_fanotify::FanotifyError::Read(io) = &e
+                && matches!(io.raw_os_error(), Some(EMFILE | ENFILE))
+            {
+                // The kernel denied the event it could not give us a descriptor for.
+                bump(&shared.counters.overloaded);
+            }
             error!(error = %e, "reading fanotify events failed");
             std::thread::sleep(Duration::from_millis(10));
             return;
         }
     };
+    // The agent's own accesses first, before any other event of the batch is looked at: one
+    // of them may be what another agent thread waits on.
+    for ev in events.iter().filter(|ev| is_own(shared, ev)) {
+        if let Some(fd) = ev.fd.as_ref() {
+            let _ = shared.group.respond(fd.as_fd(), Response::Allow);
+            bump(&shared.counters.own_pid);
+        }
+    }
     for ev in events {
-        handle(shared, mounts, pool, ev);
+        if !is_own(shared, &ev) {
+            handle(shared, mounts, pool, ev);
+        }
     }
     if let Some(f) = fault {
         error!(error = %f, "malformed fanotify events skipped");
     }
 }
 
+/// A permission event of the agent's own process (answered by [`read_batch`] before the rest).
+fn is_own(shared: &Shared, ev: &Event) -> bool {
+    ev.pid == shared.own_pid && ev.is_permission() && ev.fd.is_some()
+}
+
 fn handle(shared: &Shared, mounts: &mut MountTable, pool: &HashPool, ev: Event) {
-    let Some(fd) = ev.fd.as_ref() else {
+    if ev.fd.is_none() {
         if ev.is_overflow() {
             bump(&shared.counters.queue_overflows);
             warn!("fanotify queue overflow");
         }
         return;
-    };
-    if !ev.is_permission() {
-        return;
     }
-    // First thing, before any other work: the agent never waits on itself.
-    if ev.pid == shared.own_pid {
-        let _ = shared.group.respond(fd.as_fd(), Response::Allow);
-        bump(&shared.counters.own_pid);
+    if !ev.is_permission() {
         return;
     }
     bump(&shared.counters.events);
@@ -154,26 +174,28 @@ fn handle(shared: &Shared, mounts: &mut MountTable, pool: &HashPool, ev: Event) 
         bump(&shared.counters.unprotected);
         return;
     }
-    let path = path.to_string_lossy().into_owned();
+    // Borrowed, not copied, for the usual UTF-8 path: a cache hit needs no allocation here.
+    let path = path.to_string_lossy();
     let key = FileKey::from(&st);
     if let Some(hit) = shared.cached(&key) {
         bump(&shared.counters.cache_hits);
+        let ignorable = hit.ignorable;
         let outcome = fleetscan_core::policy::Outcome {
             action: hit.action,
-            reason: hit.reason.clone(),
+            reason: hit.reason,
             cacheable: true,
         };
         let ctx = ReportCtx {
             path: &path,
             kind: Some(kind),
-            sha256: hit.sha256.clone(),
-            threat_name: hit.threat_name.clone(),
+            sha256: hit.sha256,
+            threat_name: hit.threat_name,
             pid,
             pidfd: pidfd.as_ref(),
             subject: None,
         };
         shared.conclude(&file, &outcome, v1::LocalReason::Cached, ctx, false);
-        if hit.ignorable {
+        if ignorable {
             shared.refresh_ignore_mark(&file, &key);
         }
         return;
@@ -203,7 +225,7 @@ fn handle(shared: &Shared, mounts: &mut MountTable, pool: &HashPool, ev: Event) 
         PendingEvent {
             file: file.clone(),
             key,
-            path: path.clone(),
+            path: path.into_owned(),
             kind,
             pid,
             pidfd: pidfd.map(Arc::new),

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use fleetscan_core::{Action, Verdict};
+use fleetscan_core::Action;
 use fleetscan_proto::v1::agent_message::Msg as Out;
 use fleetscan_proto::v1::agent_service_client::AgentServiceClient;
 use fleetscan_proto::v1::broker_message::Msg as In;
@@ -341,16 +341,13 @@ fn decide(shared: &Shared, epoch: u64, d: v1::Decision) {
     shared.answer(&ev.file, action);
     bump(&shared.counters.broker_decisions);
     if d.cacheable {
-        let verdicts: Vec<Verdict> = d
+        // Judged by the result alone: a blocking verdict with some other field malformed (so
+        // that it would not convert) must still keep the file from an ignore mark.
+        let blocking = d
             .verdicts
             .iter()
-            .cloned()
-            .filter_map(|v| v.try_into().ok())
-            .collect();
-        let blocking = verdicts.iter().find(|v| v.kind.blocks());
-        let threat_name = blocking
-            .and_then(|v| v.threat_name.clone())
-            .unwrap_or_default();
+            .find(|v| convert::verdict_kind_from_proto(v.result).blocks());
+        let threat_name = blocking.map(|v| v.threat_name.clone()).unwrap_or_default();
         // A kernel ignore mark stands only for a clean file: an allow that rests on a blocking
         // verdict (audit-only) must keep producing events, and a mark cannot expire with a ttl.
         let ignorable = action == Action::Allow && blocking.is_none() && d.ttl_seconds == 0;

@@ -11,6 +11,12 @@
 //! Group flags, decided once for every user of the crate:
 //! - `FAN_CLASS_CONTENT`: permission events, delivered after the file is in the page cache.
 //! - `FAN_CLOEXEC`, and `O_CLOEXEC` on event descriptors: no descriptor leaks into a child.
+//! - `O_NONBLOCK` on event descriptors: the kernel opens the event's file for the reader
+//!   *inside the reader's `read(2)`*, before the opener's own open has gone through. Without
+//!   it, a FIFO (no writer yet: the writer is the opener, waiting for our answer) or a device
+//!   that waits for carrier would block the reader there forever, and with it every opener on
+//!   the filesystem. Kernels since about 6.14 send no permission events for such files; older
+//!   ones do. `pread` on a regular file ignores the flag.
 //! - `FAN_NONBLOCK`: the reader polls the group together with other descriptors (shutdown,
 //!   `/proc/self/mountinfo`) and never sleeps inside `read(2)`, so it can always stop.
 //! - `FAN_UNLIMITED_QUEUE`: with the default 16,384-event queue, the kernel *drops* a
@@ -135,6 +141,18 @@ pub struct Fanotify {
     /// Whether `FAN_MARK_IGNORE` (Linux 6.0) was refused, so the older `FAN_MARK_IGNORED_MASK`
     /// is used for ignore marks.
     legacy_ignore: AtomicBool,
+    /// The buffer of `read(2)`, allocated once: reading is on the path of every event.
+    read_buf: ReadBuf,
+}
+
+/// The read buffer, behind a lock only so that `read_events` can take `&self` (one thread
+/// reads); its `Debug` does not print 64 KiB.
+struct ReadBuf(std::sync::Mutex<Box<[u8]>>);
+
+impl std::fmt::Debug for ReadBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ReadBuf({READ_BUFFER} bytes)")
+    }
 }
 
 /// Size of the buffer of one `read(2)`: room for a few hundred events.
@@ -154,7 +172,8 @@ impl Fanotify {
         if options.report_pidfd {
             flags |= libc::FAN_REPORT_PIDFD;
         }
-        let event_flags = (libc::O_RDONLY | libc::O_LARGEFILE | libc::O_CLOEXEC) as libc::c_uint;
+        let event_flags = (libc::O_RDONLY | libc::O_LARGEFILE | libc::O_CLOEXEC | libc::O_NONBLOCK)
+            as libc::c_uint;
         // SAFETY: fanotify_init takes two integers and returns a new descriptor or -1; no
         // memory is shared with the kernel.
         let fd = unsafe { libc::fanotify_init(flags, event_flags) };
@@ -167,6 +186,9 @@ impl Fanotify {
             fd,
             report_pidfd: options.report_pidfd,
             legacy_ignore: AtomicBool::new(false),
+            read_buf: ReadBuf(std::sync::Mutex::new(
+                vec![0u8; READ_BUFFER].into_boxed_slice(),
+            )),
         })
     }
 
@@ -292,7 +314,12 @@ impl Fanotify {
     /// malformed (then the events before the fault are returned and the fault is logged by
     /// the caller through the second value).
     pub fn read_events(&self) -> Result<(Vec<Event>, Option<ParseError>), FanotifyError> {
-        let mut buf = vec![0u8; READ_BUFFER];
+        // A panic elsewhere cannot leave the bytes half-valid: each read overwrites them.
+        let mut buf = self
+            .read_buf
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         // SAFETY: `buf` is a live, writable allocation of `buf.len()` bytes, and the group
         // descriptor is open for the life of `self`.
         let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
@@ -484,6 +511,36 @@ pub fn poll(fds: &mut [PollFd<'_>], timeout: Option<Duration>) -> io::Result<usi
 pub fn pidfd_exited(pidfd: BorrowedFd<'_>) -> bool {
     let mut fds = [PollFd::new(pidfd, POLLIN)];
     matches!(poll(&mut fds, Some(Duration::ZERO)), Ok(n) if n > 0)
+}
+
+/// Raises the soft limit on open descriptors (`RLIMIT_NOFILE`) to the hard limit and returns
+/// the soft limit now in force.
+///
+/// Every event read holds a descriptor (two with pidfds) until it is answered, and when the
+/// kernel cannot install one in `read(2)` (`EMFILE`) it *denies* the event itself: an access
+/// refused with no scan, no fail mode and no report. The common soft limit of 1,024 is reached
+/// by a few hundred accesses waiting at once.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a writable rlimit struct for the duration of the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: `raised` is an initialised rlimit struct read by the call.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        lim.rlim_cur = lim.rlim_max;
+    }
+    Ok(lim.rlim_cur)
 }
 
 #[cfg(test)]

@@ -57,32 +57,35 @@ fn u64_at(buf: &[u8], at: usize) -> u64 {
 /// `info_type: u8 @0, pad: u8 @1, len: u16 @2`.
 pub(crate) fn parse_events(buf: &[u8]) -> (Vec<RawEvent>, Option<ParseError>) {
     let mut events = Vec::new();
+    // The first malformed info record. Parsing goes on after it: the header's length is
+    // checked on its own, and every event after it carries descriptors that must be owned and
+    // a permission event that must be answered (dropping them would hang their openers).
+    let mut first_fault = None;
     let mut offset = 0;
     while offset < buf.len() {
         let rest = &buf[offset..];
         if rest.len() < META_LEN {
-            return (
-                events,
-                Some(ParseError::Malformed {
-                    offset,
-                    what: "truncated header",
-                }),
-            );
+            let fault = ParseError::Malformed {
+                offset,
+                what: "truncated header",
+            };
+            return (events, Some(first_fault.unwrap_or(fault)));
         }
         let event_len = u32_at(rest, 0) as usize;
         let vers = rest[4];
         let metadata_len = usize::from(u16_at(rest, 6));
         if vers != libc::FANOTIFY_METADATA_VERSION {
-            return (events, Some(ParseError::Version(vers)));
-        }
-        if metadata_len < META_LEN || event_len < metadata_len || event_len > rest.len() {
             return (
                 events,
-                Some(ParseError::Malformed {
-                    offset,
-                    what: "bad event or metadata length",
-                }),
+                Some(first_fault.unwrap_or(ParseError::Version(vers))),
             );
+        }
+        if metadata_len < META_LEN || event_len < metadata_len || event_len > rest.len() {
+            let fault = ParseError::Malformed {
+                offset,
+                what: "bad event or metadata length",
+            };
+            return (events, Some(first_fault.unwrap_or(fault)));
         }
         let mut event = RawEvent {
             mask: u64_at(rest, 8),
@@ -118,17 +121,14 @@ pub(crate) fn parse_events(buf: &[u8]) -> (Vec<RawEvent>, Option<ParseError>) {
         // is malformed, so that the caller owns (and closes) them.
         events.push(event);
         if let Some(what) = fault {
-            return (
-                events,
-                Some(ParseError::Malformed {
-                    offset: offset + at,
-                    what,
-                }),
-            );
+            first_fault.get_or_insert(ParseError::Malformed {
+                offset: offset + at,
+                what,
+            });
         }
         offset += event_len;
     }
-    (events, None)
+    (events, first_fault)
 }
 
 #[cfg(test)]
@@ -229,6 +229,31 @@ pub(crate) mod tests {
         assert_eq!(events.len(), 2);
         assert_eq!(events[1].fd, 8);
         assert!(matches!(err, Some(ParseError::Malformed { .. })));
+    }
+
+    #[test]
+    fn events_after_a_bad_record_are_still_returned() {
+        let mut buf = event_bytes(libc::FAN_OPEN_PERM, 7, 100, &[(5, vec![0; 4])]);
+        // The record claims to run past its event; the event's own length is sound.
+        buf[META_LEN + 2] = 200;
+        buf.extend(event_bytes(
+            libc::FAN_OPEN_PERM,
+            8,
+            101,
+            &[(libc::FAN_EVENT_INFO_TYPE_PIDFD, 9i32.to_ne_bytes().to_vec())],
+        ));
+        let (events, err) = parse_events(&buf);
+        assert!(
+            matches!(err, Some(ParseError::Malformed { offset, .. }) if offset == META_LEN),
+            "{err:?}"
+        );
+        assert_eq!(
+            events.len(),
+            2,
+            "the event after the bad one is not dropped"
+        );
+        assert_eq!((events[0].fd, events[0].pidfd), (7, None));
+        assert_eq!((events[1].fd, events[1].pidfd), (8, Some(9)));
     }
 
     #[test]

@@ -325,3 +325,45 @@ fn dropping_the_group_releases_an_unanswered_opener() {
     assert!(out.status.success());
     assert_eq!(out.stdout, b"held");
 }
+
+/// A FIFO on the marked filesystem: the kernel opens the event's descriptor for the reader
+/// before the opener's own open has gone through, so a FIFO has no writer yet. Without
+/// `O_NONBLOCK` in the event flags that open, inside the reader's `read(2)`, waits for a writer
+/// that waits for the answer: the reader and every opener on the filesystem hang forever.
+/// Kernels since about 6.14 send no permission event for a FIFO at all (then this checks only
+/// that the open is not held up); older ones do, and there this fails without the flag.
+#[test]
+fn a_fifo_on_the_marked_filesystem_does_not_block_the_reader() {
+    let (tmp, group) = setup();
+    let fifo = tmp.path().join("fifo");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: `c` is a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    group
+        .add_filesystem_mark(tmp.path(), PERMISSION_MASK)
+        .unwrap();
+    let answerer = Answerer::start(group, Box::new(|_, _| Response::Allow));
+    // Read-write: the opener's own open of a FIFO never waits for a partner.
+    let mut child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("exec 3<>{}; echo opened", fifo.display()))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(5) {
+            // The answering thread is stuck in the kernel; leave it to process exit.
+            let _ = child.kill();
+            std::mem::forget(answerer);
+            panic!("the reader blocked opening the FIFO's event descriptor");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(out.stdout, b"opened\n");
+    let seen = answerer.seen();
+    assert!(seen.len() <= 1, "{seen:?}");
+    assert!(seen.iter().all(|s| s.path == fifo), "{seen:?}");
+}
