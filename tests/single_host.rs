@@ -327,3 +327,61 @@ fn fleetscan_hostname() -> String {
         .trim()
         .to_owned()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_on_postgres_records_and_reuses_verdicts() {
+    let pg = fleetscan_store::testing::PgCluster::start();
+    let store = pg.new_database();
+    let mut sandbox = sandbox();
+    let data = sandbox.tmpfs("data");
+    write(&data.join("eicar.com"), EICAR);
+    write(&data.join("plain.txt"), b"plain text");
+    let broker = sandbox.broker(&["--store", &store]);
+    sandbox.worker(&broker.url, &[]);
+    sandbox.agent("pg-node", &[&broker.url], &[&data], &[]);
+    wait_for_host(&broker.url, "pg-node").await;
+    assert!(open_file(data.join("eicar.com")).await.denied());
+    assert_eq!(
+        open_file(data.join("plain.txt")).await.result.unwrap(),
+        b"plain text"
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the denial recorded in Postgres",
+        || {
+            let url = broker.url.clone();
+            async move {
+                events(&url)
+                    .await
+                    .into_iter()
+                    .find(|e| e.path.ends_with("eicar.com"))
+            }
+        },
+    )
+    .await;
+    assert!(
+        sandbox.stop(&broker.proc),
+        "broker stops cleanly on SIGTERM"
+    );
+
+    // A second broker on the same database knows both verdicts without scanning.
+    let again = sandbox.broker(&["--store", &store]);
+    sandbox.worker(&again.url, &[]);
+    let mut scan =
+        fleetscan_proto::v1::scan_service_client::ScanServiceClient::connect(again.url.clone())
+            .await
+            .unwrap();
+    for (content, action) in [(EICAR, 2), (&b"plain text"[..], 1)] {
+        let resp = scan
+            .lookup(fleetscan_proto::v1::LookupRequest {
+                sha256: sha256_hex(content),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(resp.known, "{resp:?}");
+        assert_eq!(resp.action, action, "{resp:?}");
+    }
+    assert_eq!(stats(&again.url).await.scans_started, 0);
+    drop(sandbox);
+}

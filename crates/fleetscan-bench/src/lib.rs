@@ -191,13 +191,17 @@ fn opens(a: &OpensArgs) -> anyhow::Result<()> {
     let rescanned = scans(&url)? - scanned;
     sandbox.stop(&up);
 
-    let (_up2, url2) = start_up(&mut sandbox, "up-2", &data, &state, &["--no-ignore-marks"])?;
+    let (up2, url2) = start_up(&mut sandbox, "up-2", &data, &state, &["--no-ignore-marks"])?;
     rows.push(pass("agent restarted (verdicts in store)", &paths));
     rows.push(pass("agent warm (user-space cache only)", &paths));
     let scanned2 = scans(&url2)?;
+    sandbox.stop(&up2);
+    // Once more with no agent, so that a drift of the machine during the run shows.
+    rows.push(pass("no agent (again, after the agent stopped)", &paths));
     drop(sandbox);
 
-    let base = rows[0].opens_per_sec;
+    // Ratios are against the mean of the two passes without an agent.
+    let base = (rows[0].opens_per_sec + rows[rows.len() - 1].opens_per_sec) / 2.0;
     println!(
         "fleetscan bench opens: {} files, {}–{} bytes (mean {} KiB), tmpfs; a pass opens, reads and closes every file",
         paths.len(),
@@ -206,12 +210,12 @@ fn opens(a: &OpensArgs) -> anyhow::Result<()> {
         total / paths.len().max(1) as u64 / 1024
     );
     println!(
-        "{:<38} {:>10} {:>8} {:>11} {:>11} {:>7}",
+        "{:<42} {:>10} {:>8} {:>11} {:>11} {:>7}",
         "pass", "opens/s", "ratio", "p50 open", "p99 open", "denied"
     );
     for r in &rows {
         println!(
-            "{:<38} {:>10.0} {:>7.2}x {:>11} {:>11} {:>7}",
+            "{:<42} {:>10.0} {:>7.2}x {:>11} {:>11} {:>7}",
             r.name,
             r.opens_per_sec,
             r.opens_per_sec / base,

@@ -41,7 +41,6 @@ use fleetscan_proto::{FILE_DESCRIPTOR_SET, MAX_MESSAGE_SIZE};
 use fleetscan_store::Store;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
 pub use config::BrokerConfig;
@@ -129,8 +128,13 @@ impl Broker {
 
         let address = listener.local_addr().ok();
         let mut stopped = stop.subscribe();
+        // The builder's TCP options apply only to listeners tonic binds itself; an incoming
+        // stream of our own needs them set here. Without TCP_NODELAY a small decision written
+        // right after a large content transfer waits for a delayed ACK (~40 ms) under Nagle.
+        let incoming = tonic::transport::server::TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(KEEPALIVE));
         let server = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .tcp_keepalive(Some(KEEPALIVE))
             .http2_keepalive_interval(Some(KEEPALIVE))
             .http2_keepalive_timeout(Some(KEEPALIVE))
@@ -140,7 +144,7 @@ impl Broker {
             .add_service(worker)
             .add_service(scan)
             .add_service(admin)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stopped.wait_for(|s| *s).await;
             });
         let mut server = tokio::spawn(server);
