@@ -190,10 +190,27 @@ impl AgentSection {
     }
 }
 
+/// Which engine a `fleetscan worker` runs.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Engine {
+    /// YARA rules (the shipped ones and `rules_dir`) and the SHA-256 `blocklist`.
+    #[default]
+    Reference,
+    /// A running `clamd`, over its socket (`clamd`).
+    Clamav,
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerSection {
     pub broker: String,
+    pub engine: Engine,
+    /// clamd's socket for the `clamav` engine: a unix socket path, or `tcp:HOST:PORT`.
+    pub clamd: String,
+    /// Appended to clamd's database version in the rule-set version, e.g. to tell apart
+    /// local signature sets that clamd does not version.
+    pub clamd_ruleset_label: Option<String>,
     /// Extra YARA rules (`*.yar`, `*.yara`), besides the shipped ones.
     pub rules_dir: Option<PathBuf>,
     /// SHA-256 block list: one hex digest a line, optionally followed by a threat name.
@@ -210,6 +227,9 @@ impl Default for WorkerSection {
     fn default() -> Self {
         WorkerSection {
             broker: format!("http://{DEFAULT_BROKER_ADDR}"),
+            engine: Engine::Reference,
+            clamd: "/var/run/clamav/clamd.ctl".into(),
+            clamd_ruleset_label: None,
             rules_dir: None,
             blocklist: None,
             name: String::new(),

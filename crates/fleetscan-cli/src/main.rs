@@ -34,7 +34,8 @@ enum Command {
     Broker(BrokerArgs),
     /// Run the host agent: intercept opens and execs under the protected paths.
     Agent(AgentArgs),
-    /// Run the reference scanner worker (YARA rules and a SHA-256 block list).
+    /// Run a scanner worker: the reference engine (YARA rules and a SHA-256 block list) or
+    /// ClamAV through a running clamd.
     Worker(WorkerArgs),
     /// Broker, worker and agent in one process on this host, on an embedded SQLite store.
     Up(UpArgs),
@@ -50,6 +51,9 @@ enum Command {
     Stats(ClientArgs),
     /// Print the effective configuration (defaults, file, environment) as TOML.
     Config,
+    /// Check a scanner worker against the worker protocol: the kit plays the broker, starts
+    /// the worker and prints one line per check; exits non-zero when a check fails.
+    Conformance(ConformanceArgs),
     /// Benchmarks that print a table; see `fleetscan bench --help`.
     Bench(fleetscan_bench::BenchArgs),
 }
@@ -109,6 +113,12 @@ struct AgentArgs {
 struct WorkerArgs {
     #[arg(long)]
     broker: Option<String>,
+    /// `reference` (YARA + block list) or `clamav` (a running clamd).
+    #[arg(long, value_enum)]
+    engine: Option<config::Engine>,
+    /// clamd's socket for `--engine clamav`: a unix socket path or `tcp:HOST:PORT`.
+    #[arg(long)]
+    clamd: Option<String>,
     /// Directory of extra YARA rules.
     #[arg(long)]
     rules: Option<PathBuf>,
@@ -167,6 +177,23 @@ struct EventsArgs {
     sha256: Option<String>,
     #[arg(long, default_value_t = 50)]
     limit: u32,
+}
+
+#[derive(Args)]
+struct ConformanceArgs {
+    /// Run through `sh -c`; `{broker}` becomes the kit's URL (also in FLEETSCAN_WORKER_BROKER).
+    #[arg(long)]
+    worker_command: String,
+    /// Only these checks (repeatable): register, clean-file, eicar, chunked-large-file, cancel,
+    /// credits, heartbeat, hash-mismatch, broker-restart.
+    #[arg(long)]
+    only: Vec<String>,
+    /// Time limit of each check.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    check_timeout: std::time::Duration,
+    /// How long a worker may stay silent before the heartbeat check fails (at most 15 s).
+    #[arg(long, default_value = "12s", value_parser = humantime::parse_duration)]
+    heartbeat_wait: std::time::Duration,
 }
 
 #[derive(Args)]
@@ -241,6 +268,7 @@ fn main() -> anyhow::Result<()> {
         Command::Hosts(args) => runtime.block_on(admin::hosts(&args.broker, args.json)),
         Command::Workers(args) => runtime.block_on(admin::workers(&args.broker, args.json)),
         Command::Stats(args) => runtime.block_on(admin::stats(&args.broker, args.json)),
+        Command::Conformance(args) => runtime.block_on(conformance(args)),
         Command::Bench(args) => {
             drop(runtime);
             fleetscan_bench::run(args)
@@ -295,6 +323,12 @@ fn apply_worker_args(config: &mut Config, args: &WorkerArgs) {
     let w = &mut config.worker;
     if let Some(b) = &args.broker {
         w.broker = b.clone();
+    }
+    if let Some(e) = args.engine {
+        w.engine = e;
+    }
+    if let Some(c) = &args.clamd {
+        w.clamd = c.clone();
     }
     if args.rules.is_some() {
         w.rules_dir = args.rules.clone();
@@ -400,18 +434,40 @@ fn reference_scanner(config: &Config) -> anyhow::Result<Arc<dyn fleetscan_worker
 }
 
 async fn run_worker(config: Config) -> anyhow::Result<()> {
-    let scanner = reference_scanner(&config)?;
-    let id = scanner.identity();
-    println!(
-        "fleetscan worker {} ({} {} rules {}) attaching to {}",
-        config.worker.to_worker_config().worker_name,
-        id.engine,
-        id.engine_version,
-        id.ruleset_version,
-        config.worker.broker
-    );
+    let w = &config.worker;
+    let worker_config = w.to_worker_config();
     let stop = shutdown_signal();
-    fleetscan_worker::run(config.worker.to_worker_config(), scanner, stopped(stop)).await?;
+    match w.engine {
+        config::Engine::Reference => {
+            let scanner = reference_scanner(&config)?;
+            let id = scanner.identity();
+            println!(
+                "fleetscan worker {} ({} {} rules {}) attaching to {}",
+                worker_config.worker_name,
+                id.engine,
+                id.engine_version,
+                id.ruleset_version,
+                w.broker
+            );
+            fleetscan_worker::run(worker_config, scanner, stopped(stop)).await?;
+        }
+        config::Engine::Clamav => {
+            let addr: fleetscan_clamav::ClamdAddr = w
+                .clamd
+                .parse()
+                .with_context(|| format!("--clamd {}", w.clamd))?;
+            println!(
+                "fleetscan worker {} (clamav via {addr}) attaching to {}",
+                worker_config.worker_name, w.broker
+            );
+            let options = fleetscan_clamav::ClamdOptions {
+                ruleset_label: w.clamd_ruleset_label.clone(),
+                ..Default::default()
+            };
+            fleetscan_clamav::run_worker(worker_config, addr, "clamav", options, stopped(stop))
+                .await?;
+        }
+    }
     Ok(())
 }
 
@@ -463,6 +519,22 @@ async fn run_up(mut config: Config) -> anyhow::Result<()> {
     agent_result?;
     worker_result.context("worker task")??;
     broker_result.context("broker task")??;
+    Ok(())
+}
+
+async fn conformance(args: ConformanceArgs) -> anyhow::Result<()> {
+    let results = fleetscan_conformance::run(fleetscan_conformance::ConformanceConfig {
+        worker_command: args.worker_command,
+        check_timeout: args.check_timeout,
+        only: args.only,
+        heartbeat_wait: args.heartbeat_wait,
+        ..fleetscan_conformance::ConformanceConfig::default()
+    })
+    .await?;
+    fleetscan_conformance::print_report(&results, &mut std::io::stdout().lock())?;
+    if results.iter().any(|r| !r.passed) {
+        bail!("the worker does not conform to the protocol");
+    }
     Ok(())
 }
 

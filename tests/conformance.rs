@@ -1,0 +1,38 @@
+//! Every worker that ships passes the conformance kit: `fleetscan conformance` plays the broker
+//! and checks `fleetscan worker` (the reference engine, and ClamAV through a real clamd).
+
+mod common;
+
+use fleetscan_clamav::testing::{Clamd, Signatures};
+
+fn conformance(worker_args: &str) -> String {
+    let bin = env!("CARGO_BIN_EXE_fleetscan");
+    let out = std::process::Command::new(bin)
+        .args([
+            "conformance",
+            "--worker-command",
+            &format!("exec {bin} worker --broker {{broker}} {worker_args}"),
+        ])
+        .output()
+        .expect("running fleetscan conformance");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "the worker failed the conformance kit:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn the_reference_worker_conforms() {
+    let report = conformance("");
+    assert!(report.contains("9 passed, 0 failed"), "{report}");
+}
+
+#[test]
+fn the_clamav_worker_conforms() {
+    let clamd = Clamd::start(&Signatures::new().eicar().daily(27001));
+    let report = conformance(&format!("--engine clamav --clamd {}", clamd.addr()));
+    assert!(report.contains("9 passed, 0 failed"), "{report}");
+}
