@@ -171,7 +171,11 @@ async fn a_broker_killed_mid_stream_releases_pending_opens() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_reconnects_to_a_restarted_broker() {
     let mut sandbox = sandbox();
-    let data = sandbox.tmpfs("data");
+    let fs = sandbox.tmpfs("data");
+    let data = fs.join("protected");
+    let staging = fs.join("staging");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::create_dir_all(&staging).unwrap();
     let first = sandbox.broker(&[]);
     let worker = sandbox.worker(&first.url, &[]);
     let agent = sandbox.agent("phoenix", &[&first.url], &[&data], &[]);
@@ -183,10 +187,13 @@ async fn the_agent_reconnects_to_a_restarted_broker() {
     let second = sandbox.broker_on(&first.addr.to_string(), &[]);
     wait_for_host(&second.url, "phoenix").await;
     wait_for_worker(&second.url, Some(&worker.name)).await;
-    // New content (EICAR with a trailing newline), so the answer must come from the new broker.
+    // New content (EICAR with a trailing newline), so the answer must come from the new
+    // broker. Written outside the protected directory and renamed in, so that this test is
+    // about reconnecting only: the open asserted below is the file's first.
     let mut eicar_nl = EICAR.to_vec();
     eicar_nl.push(b'\n');
-    write(&data.join("two.com"), &eicar_nl);
+    write(&staging.join("two.com"), &eicar_nl);
+    std::fs::rename(staging.join("two.com"), data.join("two.com")).unwrap();
     let out = open_file(data.join("two.com")).await;
     assert!(out.denied(), "after reconnecting: {:?}", out.result);
     assert!(

@@ -4,6 +4,11 @@
 //! `fleetscan bench opens` opens every file of a generated corpus on a tmpfs of its own, with no
 //! agent and then with `fleetscan up` protecting it, and prints opens per second and the p50/p99
 //! latency of `open(2)` for each pass. It needs root (fanotify, mounts).
+//!
+//! `fleetscan bench jobs` drives `ScanService.ScanBytes` through an in-process broker and
+//! workers with a null scanner, and prints jobs/s, MiB/s and latency (see [`jobs`]).
+
+mod jobs;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -23,6 +28,8 @@ pub struct BenchArgs {
 enum Bench {
     /// Opens per second through the agent: no agent, cold, warm, restarted, user-space cache.
     Opens(OpensArgs),
+    /// Scan jobs per second through an in-process broker and workers (null scanner).
+    Jobs(jobs::JobsArgs),
 }
 
 #[derive(Args)]
@@ -44,6 +51,7 @@ struct OpensArgs {
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.bench {
         Bench::Opens(a) => opens(&a),
+        Bench::Jobs(a) => jobs::jobs(&a),
     }
 }
 
