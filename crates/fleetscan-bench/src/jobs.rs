@@ -42,6 +42,10 @@ pub(crate) struct JobsArgs {
     /// Credits (concurrent jobs) each worker grants.
     #[arg(long, default_value_t = 64)]
     credits: u32,
+    /// The broker's store; default: a fresh SQLite file in a temporary directory. E.g.
+    /// `sqlite::memory:` to see what the disk costs.
+    #[arg(long)]
+    store_url: Option<String>,
     /// Size of a small content, in bytes.
     #[arg(long, default_value_t = 1024)]
     small_size: usize,
@@ -114,7 +118,10 @@ async fn jobs_async(a: &JobsArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir().context("creating a temporary directory")?;
     let db = dir.path().join("b.db");
     let broker = Broker::new(BrokerConfig {
-        store_url: format!("sqlite://{}", db.display()),
+        store_url: a
+            .store_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", db.display())),
         ..Default::default()
     })
     .await
@@ -194,9 +201,10 @@ async fn jobs_async(a: &JobsArgs) -> anyhow::Result<()> {
     println!(
         "fleetscan bench jobs: ScanService.ScanBytes -> broker -> {} worker(s) x {} credits, \
          null scanner, unique content per call, one process on loopback; every verdict is \
-         written behind into SQLite ({} s per row)",
+         written behind into the store {} ({} s per row)",
         a.workers,
         a.credits,
+        a.store_url.as_deref().unwrap_or("(SQLite file)"),
         seconds.as_secs()
     );
     println!(
