@@ -64,6 +64,23 @@ struct Session {
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
+/// The first message of a stream (agents' and workers' alike), which must come within
+/// [`HELLO_TIMEOUT`] and be the one `extract` accepts; anything else ends the stream with an
+/// error naming what was expected.
+pub(crate) async fn first_message<M, T>(
+    inbound: &mut Streaming<M>,
+    what: &'static str,
+    extract: impl FnOnce(M) -> Option<T>,
+) -> Result<T, Status> {
+    match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+        Err(_) => Err(BrokerError::Timeout("no first message within 10 s").into()),
+        Ok(Err(status)) => Err(status),
+        Ok(Ok(message)) => message.and_then(extract).ok_or_else(|| {
+            BrokerError::Protocol(format!("the first message must be {what}")).into()
+        }),
+    }
+}
+
 #[tonic::async_trait]
 impl v1::agent_service_server::AgentService for AgentSvc {
     type SessionStream = SessionStream;
@@ -73,19 +90,11 @@ impl v1::agent_service_server::AgentService for AgentSvc {
         request: Request<Streaming<v1::AgentMessage>>,
     ) -> Result<Response<SessionStream>, Status> {
         let mut inbound = request.into_inner();
-        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
-            Err(_) => return Err(BrokerError::Timeout("no AgentHello within 10 s").into()),
-            Ok(Err(status)) => return Err(status),
-            Ok(Ok(Some(v1::AgentMessage {
-                msg: Some(agent_message::Msg::Hello(hello)),
-            }))) => hello,
-            Ok(Ok(_)) => {
-                return Err(BrokerError::Protocol(
-                    "the first message must be an AgentHello".into(),
-                )
-                .into());
-            }
-        };
+        let hello = first_message(&mut inbound, "an AgentHello", |m| match m.msg {
+            Some(agent_message::Msg::Hello(hello)) => Some(hello),
+            _ => None,
+        })
+        .await?;
         if hello.node.is_empty() {
             return Err(
                 BrokerError::InvalidArgument("AgentHello without a node name".into()).into(),

@@ -19,7 +19,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use crate::agent::{HEARTBEAT_PERIOD, HELLO_TIMEOUT};
+use crate::agent::{HEARTBEAT_PERIOD, first_message};
 use crate::engine::{Engine, stopped};
 use crate::error::BrokerError;
 use crate::scheduler::{Attach, ToWorker, WORKER_CHANNEL, WorkerId, WorkerReport};
@@ -42,18 +42,11 @@ impl v1::worker_service_server::WorkerService for WorkerSvc {
         request: Request<Streaming<v1::WorkerMessage>>,
     ) -> Result<Response<AttachStream>, Status> {
         let mut inbound = request.into_inner();
-        let register = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
-            Err(_) => return Err(BrokerError::Timeout("no Register within 10 s").into()),
-            Ok(Err(status)) => return Err(status),
-            Ok(Ok(Some(v1::WorkerMessage {
-                msg: Some(worker_message::Msg::Register(register)),
-            }))) => register,
-            Ok(Ok(_)) => {
-                return Err(
-                    BrokerError::Protocol("the first message must be a Register".into()).into(),
-                );
-            }
-        };
+        let register = first_message(&mut inbound, "a Register", |m| match m.msg {
+            Some(worker_message::Msg::Register(register)) => Some(register),
+            _ => None,
+        })
+        .await?;
         let identity: ScannerIdentity = register
             .scanner
             .ok_or_else(|| BrokerError::InvalidArgument("Register without a scanner".into()))?
