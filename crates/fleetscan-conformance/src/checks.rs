@@ -149,7 +149,10 @@ pub(crate) async fn run_one(
             human(backstop(config))
         )),
     };
-    let outcome = outcome.map_err(|fail| harness.explain(fail));
+    let outcome = match outcome {
+        Ok(observed) => Ok(observed),
+        Err(fail) => Err(harness.explain(fail).await),
+    };
     harness.stop().await;
     let elapsed = started.elapsed();
     let (passed, detail) = match outcome {

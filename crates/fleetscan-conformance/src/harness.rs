@@ -121,13 +121,16 @@ impl<'c> Harness<'c> {
     }
 
     /// Adds what the worker process did to a failure: its exit and its last output.
-    pub(crate) fn explain(&mut self, fail: Fail) -> Fail {
+    pub(crate) async fn explain(&mut self, fail: Fail) -> Fail {
         let Some(worker) = self.worker.as_mut() else {
             return fail;
         };
         let Some(how) = worker.has_exited() else {
             return fail;
         };
+        worker
+            .finish_output(std::time::Duration::from_millis(500))
+            .await;
         let tail = worker.output_tail();
         if tail.is_empty() {
             format!("{fail} (the worker process exited: {how}; it printed nothing)")

@@ -101,6 +101,14 @@ impl WorkerProcess {
         self.exited.clone()
     }
 
+    /// Waits (at most `limit`) until the output readers have reached the end of both pipes, so
+    /// that the tail of an exited worker is complete: its exit can be seen before the last
+    /// lines it wrote are read.
+    pub(crate) async fn finish_output(&mut self, limit: std::time::Duration) {
+        let readers = std::mem::take(&mut self.readers);
+        let _ = tokio::time::timeout(limit, join_all(readers)).await;
+    }
+
     /// The last lines the worker printed, joined into one line.
     pub(crate) fn output_tail(&self) -> String {
         let tail = self.tail.lock().unwrap_or_else(|e| e.into_inner());
@@ -167,6 +175,12 @@ async fn keep_tail(stream: impl AsyncRead + Unpin, name: &'static str, tail: Tai
             tail.pop_front();
         }
         tail.push_back(cut);
+    }
+}
+
+async fn join_all(handles: Vec<JoinHandle<()>>) {
+    for h in handles {
+        let _ = h.await;
     }
 }
 
