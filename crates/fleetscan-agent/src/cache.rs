@@ -1,11 +1,14 @@
 //! The local verdict cache: decisions keyed by the identity of one version of one file.
 //!
-//! The key is (device, inode, ctime, size): rewriting a file changes its ctime, so the new
-//! content never hits the old entry. Every entry belongs to one verdict generation (the
+//! The key is (device, inode, ctime, mtime, size), times to the nanosecond: rewriting a file
+//! changes its ctime, so the new content never hits the old entry. A key is only ever stored
+//! for content hashed while the file had no writer (see `pool.rs`), so the content behind a key
+//! is the content of that version, never a write caught half-way. Every entry belongs to one verdict generation (the
 //! broker's rule-set epoch); a new generation or a flush empties the cache. Pure code: no I/O,
 //! no clock of its own (callers pass `now`).
 
 use std::num::NonZeroUsize;
+use std::sync::Arc;
 use std::time::Instant;
 
 use fleetscan_core::Action;
@@ -19,6 +22,8 @@ pub(crate) struct FileKey {
     pub ino: u64,
     pub ctime_sec: i64,
     pub ctime_nsec: u32,
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
     pub size: u64,
 }
 
@@ -29,6 +34,8 @@ impl From<&FileStat> for FileKey {
             ino: st.ino,
             ctime_sec: st.ctime_sec,
             ctime_nsec: st.ctime_nsec,
+            mtime_sec: st.mtime_sec,
+            mtime_nsec: st.mtime_nsec,
             size: st.size,
         }
     }
@@ -50,7 +57,8 @@ pub(crate) struct CachedDecision {
 pub(crate) struct VerdictCache {
     /// `None` until the first broker session says which generation is current.
     generation: Option<u64>,
-    entries: LruCache<FileKey, CachedDecision>,
+    /// Shared, so that a hit on the hot path costs a reference count, not three strings.
+    entries: LruCache<FileKey, Arc<CachedDecision>>,
 }
 
 impl VerdictCache {
@@ -66,7 +74,7 @@ impl VerdictCache {
     }
 
     /// A live entry for `key`; expired entries are dropped on the way.
-    pub fn get(&mut self, key: &FileKey, now: Instant) -> Option<CachedDecision> {
+    pub fn get(&mut self, key: &FileKey, now: Instant) -> Option<Arc<CachedDecision>> {
         let hit = self.entries.get(key)?;
         if hit.expires.is_some_and(|t| t <= now) {
             self.entries.pop(key);
@@ -86,7 +94,7 @@ impl VerdictCache {
         if generation != self.generation {
             return false;
         }
-        self.entries.put(key, decision);
+        self.entries.put(key, Arc::new(decision));
         true
     }
 
@@ -121,6 +129,8 @@ mod tests {
             ino: 2,
             ctime_sec: 3,
             ctime_nsec,
+            mtime_sec: 3,
+            mtime_nsec: 0,
             size: 4,
         }
     }
@@ -142,7 +152,7 @@ mod tests {
         c.set_generation(1);
         let now = Instant::now();
         assert!(c.insert(key(0), allow(), Some(1)));
-        assert_eq!(c.get(&key(0), now), Some(allow()));
+        assert_eq!(c.get(&key(0), now).as_deref(), Some(&allow()));
         assert_eq!(c.get(&key(1), now), None);
     }
 

@@ -38,6 +38,10 @@ pub(crate) struct PendingEvent {
     pub sha256: Option<Sha256>,
     /// Bytes hashed (the content the broker may ask for).
     pub hashed_len: u64,
+    /// Whether the content was hashed under a read lease (no writer before or during), so
+    /// that `key` names exactly the hashed content and the decision may be cached and turned
+    /// into an ignore mark. False until hashed, and for a file that had a writer.
+    pub stable: bool,
     pub subject: Option<v1::Subject>,
 }
 
@@ -133,6 +137,8 @@ mod tests {
                 ino: 0,
                 ctime_sec: 0,
                 ctime_nsec: 0,
+                mtime_sec: 0,
+                mtime_nsec: 0,
                 size: 0,
             },
             path: String::new(),
@@ -144,6 +150,7 @@ mod tests {
             session: None,
             sha256: None,
             hashed_len: 0,
+            stable: false,
             subject: None,
         }
     }

@@ -2,11 +2,24 @@
 //! through the event's descriptor (`pread`, never by path), hash it and send the access request
 //! to the broker.
 //!
+//! Content is hashed under a read lease (see [`fleetscan_fanotify::ReadLease`]) and its
+//! identity (dev, inode, ctime, mtime, size) taken with the lease held. A write updates the
+//! ctime when it starts and copies the data after, so an identity taken without the lease can
+//! already name the new version while the read still sees the old bytes: a verdict on those
+//! bytes, cached under that identity (or turned into an ignore mark after the write's modify
+//! event went by) would let the new content through unscanned. When the lease cannot be had
+//! (someone has the file open for writing) the verdict answers this access only: it is never
+//! cached nor turned into an ignore mark.
+//!
+//! Each thread reads with one buffer of [`HASH_READ`] bytes, allocated once: large reads keep
+//! the system-call cost small next to SHA-256 itself.
 //! Its queue is bounded; the reader's `submit` never blocks, and a full queue makes the reader
 //! answer with the fail mode at once. A hung read only ties up its own thread: the deadline
 //! thread answers the event regardless.
 
+use std::fs::File;
 use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
@@ -14,10 +27,12 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use fleetscan_core::{Sha256, Sha256Hasher};
-use fleetscan_proto::{CHUNK_SIZE, convert, v1};
+use fleetscan_fanotify::{LeaseOutcome, ReadLease};
+use fleetscan_proto::{convert, v1};
 use parking_lot::Mutex;
 use tracing::debug;
 
+use crate::cache::FileKey;
 use crate::pending::AssignError;
 use crate::state::{ReportCtx, Shared, bump};
 
@@ -56,11 +71,15 @@ pub(crate) fn start(
     Ok((HashPool { tx }, handles))
 }
 
+/// Bytes per `pread` while hashing, in one buffer per thread.
+pub(crate) const HASH_READ: usize = 1024 * 1024;
+
 fn worker(shared: &Shared, rx: &Mutex<Receiver<u64>>) {
+    let mut buf = vec![0u8; HASH_READ];
     loop {
         let next = rx.lock().recv();
         let Ok(id) = next else { return };
-        process(shared, id);
+        process(shared, id, &mut buf);
     }
 }
 
@@ -84,13 +103,16 @@ pub(crate) enum HashError {
 }
 
 /// Hashes the content from offset 0 to its end, reading at most `limit` bytes (one more byte
-/// proves it too large).
-pub(crate) fn hash_content(r: &impl ReadAt, limit: u64) -> Result<(Sha256, u64), HashError> {
+/// proves it too large), `buf.len()` bytes at a time.
+pub(crate) fn hash_content(
+    r: &impl ReadAt,
+    limit: u64,
+    buf: &mut [u8],
+) -> Result<(Sha256, u64), HashError> {
     let mut h = Sha256Hasher::new();
-    let mut buf = vec![0u8; CHUNK_SIZE];
     let mut offset = 0u64;
     loop {
-        let n = match r.read_at(&mut buf, offset) {
+        let n = match r.read_at(buf, offset) {
             Ok(0) => return Ok((h.finish(), offset)),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -104,7 +126,46 @@ pub(crate) fn hash_content(r: &impl ReadAt, limit: u64) -> Result<(Sha256, u64),
     }
 }
 
-fn process(shared: &Shared, id: u64) {
+/// One version of a file, hashed.
+#[derive(Debug)]
+pub(crate) struct Hashed {
+    pub sha256: Sha256,
+    pub len: u64,
+    /// The identity of the hashed content.
+    pub key: FileKey,
+    /// Whether `key` names exactly the hashed bytes (see the module header).
+    pub stable: bool,
+}
+
+/// Hashes `file` and says which version of it was hashed.
+pub(crate) fn hash_version(file: &File, limit: u64, buf: &mut [u8]) -> Result<Hashed, HashError> {
+    let lease = ReadLease::try_acquire(file.as_fd());
+    // Taken with the lease held: no write is under way now, and none can start (an open for
+    // writing waits for the lease) until it is dropped below.
+    let before = fleetscan_fanotify::statx_fd(file.as_fd()).map_err(HashError::Io)?;
+    let (sha256, len) = hash_content(file, limit, buf)?;
+    let after = fleetscan_fanotify::statx_fd(file.as_fd()).map_err(HashError::Io)?;
+    let same = FileKey::from(&after) == FileKey::from(&before) && len == before.size;
+    let stable = match &lease {
+        LeaseOutcome::Held(_) => same,
+        LeaseOutcome::Writers => false,
+        // No leases on this filesystem: only the identity before and after the read vouches
+        // for it, which misses a same-size write that started before the first statx.
+        LeaseOutcome::Unsupported(e) => {
+            debug!(error = %e, "read lease unsupported, hashing without");
+            same
+        }
+    };
+    drop(lease);
+    Ok(Hashed {
+        sha256,
+        len,
+        key: FileKey::from(&before),
+        stable,
+    })
+}
+
+fn process(shared: &Shared, id: u64, buf: &mut [u8]) {
     let Some((file, key, pid)) = shared
         .pending
         .with(id, |ev| (ev.file.clone(), ev.key, ev.pid))
@@ -132,7 +193,7 @@ fn process(shared: &Shared, id: u64) {
     }
     let pidfd = shared.pending.with(id, |ev| ev.pidfd.clone()).flatten();
     let subject = crate::subject::resolve(pid, pidfd.as_deref());
-    let (sha256, len) = match hash_content(file.as_ref(), policy.max_file_size) {
+    let hashed = match hash_version(file.as_ref(), policy.max_file_size, buf) {
         Ok(r) => r,
         Err(HashError::TooLarge(size)) => {
             oversize(size);
@@ -147,6 +208,12 @@ fn process(shared: &Shared, id: u64) {
             return;
         }
     };
+    let Hashed {
+        sha256,
+        len,
+        key: hashed_key,
+        stable,
+    } = hashed;
     let Some(link) = shared.current_session() else {
         if let Some(mut ev) = shared.pending.take(id) {
             bump(&shared.counters.no_broker);
@@ -159,6 +226,9 @@ fn process(shared: &Shared, id: u64) {
     let request = shared.pending.with(id, |ev| {
         ev.sha256 = Some(sha256);
         ev.hashed_len = len;
+        // The decision is about the hashed version, whatever the opener's statx saw before.
+        ev.key = hashed_key;
+        ev.stable = stable;
         ev.subject = Some(subject.clone());
         v1::AccessRequest {
             request_id: id,
@@ -235,17 +305,46 @@ mod tests {
     #[test]
     fn hashes_across_short_reads() {
         let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
-        let (sha, len) = hash_content(&Mem(data.clone()), 10_000).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let (sha, len) = hash_content(&Mem(data.clone()), 10_000, &mut buf).unwrap();
         assert_eq!((sha, len), (Sha256::of(&data), 5000));
     }
 
     #[test]
     fn too_large_and_unreadable_are_told_apart() {
+        let mut buf = vec![0u8; 4096];
         assert!(matches!(
-            hash_content(&Mem(vec![0; 5000]), 4999),
+            hash_content(&Mem(vec![0; 5000]), 4999, &mut buf),
             Err(HashError::TooLarge(_))
         ));
-        assert!(matches!(hash_content(&Broken, 10), Err(HashError::Io(_))));
+        assert!(matches!(
+            hash_content(&Broken, 10, &mut buf),
+            Err(HashError::Io(_))
+        ));
+    }
+
+    /// The rule that keeps a write caught half-way from being cached: content hashed while
+    /// someone has the file open for writing is never "stable".
+    #[test]
+    fn only_content_hashed_without_a_writer_is_stable() {
+        let dir = std::env::temp_dir().join(format!("fleetscan-hash-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f");
+        std::fs::write(&path, b"version 1").unwrap();
+        let mut buf = vec![0u8; 4096];
+        let reader = File::open(&path).unwrap();
+        let h = hash_version(&reader, 1 << 20, &mut buf).unwrap();
+        assert!(h.stable, "{h:?}");
+        assert_eq!((h.sha256, h.len), (Sha256::of(b"version 1"), 9));
+        let st = fleetscan_fanotify::statx_fd(reader.as_fd()).unwrap();
+        assert_eq!(h.key, FileKey::from(&st));
+
+        let writer = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let h = hash_version(&reader, 1 << 20, &mut buf).unwrap();
+        assert!(!h.stable, "a writer has it open: {h:?}");
+        drop(writer);
+        assert!(hash_version(&reader, 1 << 20, &mut buf).unwrap().stable);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -2,10 +2,11 @@
 //!
 //! Per batch, the agent's own accesses are allowed before any other event of it is looked at
 //! (no statx, no log: the agent must never wait on itself). Then per event, in this order:
-//! files that are not regular or not protected are allowed at once; then the local cache
-//! decides; then, with no broker or too many events pending, the fail mode decides at once.
-//! Only what is left is parked in the pending map with a deadline and handed to the hashing
-//! pool.
+//! files that are not regular are allowed at once; a cached allow answers at once (one statx
+//! and one cache look-up: no path, no mount table, since an unprotected file would be allowed
+//! too); files that are not protected are allowed at once; a cached denial decides; then, with
+//! no broker or too many events pending, the fail mode decides at once. Only what is left is
+//! parked in the pending map with a deadline and handed to the hashing pool.
 //!
 //! This thread never waits on the network, on the hashing pool or on the tokio runtime: every
 //! hand-off is a non-blocking `try_send`, and a full queue means "answer with the fail mode
@@ -162,6 +163,24 @@ fn handle(shared: &Shared, mounts: &mut MountTable, pool: &HashPool, ev: Event) 
         bump(&shared.counters.unprotected);
         return;
     }
+    // The cache first: a cached allow is the answer whether the file is protected or not (an
+    // unprotected file is allowed too), so it needs neither the path nor the mount table. Only
+    // a cached denial, or a miss, goes on to decide "protected" by the path relative to the
+    // filesystem's root (invariant 3): a denial must not reach a file outside the protected
+    // set through a hard link, and a miss must not be scanned (or wait) if unprotected.
+    let key = FileKey::from(&st);
+    let hit = shared.cached(&key);
+    if let Some(hit) = &hit
+        && hit.action == fleetscan_core::Action::Allow
+    {
+        shared.answer(&file, fleetscan_core::Action::Allow);
+        bump(&shared.counters.cache_hits);
+        shared.reports.count_allowed();
+        if hit.ignorable {
+            shared.refresh_ignore_mark(&file, &key);
+        }
+        return;
+    }
     let path = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
         .map(mounts::strip_deleted)
         .unwrap_or_default();
@@ -174,30 +193,25 @@ fn handle(shared: &Shared, mounts: &mut MountTable, pool: &HashPool, ev: Event) 
         bump(&shared.counters.unprotected);
         return;
     }
-    // Borrowed, not copied, for the usual UTF-8 path: a cache hit needs no allocation here.
+    // Borrowed, not copied, for the usual UTF-8 path.
     let path = path.to_string_lossy();
-    let key = FileKey::from(&st);
-    if let Some(hit) = shared.cached(&key) {
+    if let Some(hit) = hit {
         bump(&shared.counters.cache_hits);
-        let ignorable = hit.ignorable;
         let outcome = fleetscan_core::policy::Outcome {
             action: hit.action,
-            reason: hit.reason,
+            reason: hit.reason.clone(),
             cacheable: true,
         };
         let ctx = ReportCtx {
             path: &path,
             kind: Some(kind),
-            sha256: hit.sha256,
-            threat_name: hit.threat_name,
+            sha256: hit.sha256.clone(),
+            threat_name: hit.threat_name.clone(),
             pid,
             pidfd: pidfd.as_ref(),
             subject: None,
         };
         shared.conclude(&file, &outcome, v1::LocalReason::Cached, ctx, false);
-        if ignorable {
-            shared.refresh_ignore_mark(&file, &key);
-        }
         return;
     }
     if !shared.broker_connected() {
@@ -234,6 +248,7 @@ fn handle(shared: &Shared, mounts: &mut MountTable, pool: &HashPool, ev: Event) 
             session: None,
             sha256: None,
             hashed_len: 0,
+            stable: false,
             subject: None,
         },
     );

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use fleetscan_core::policy::{MAX_DECISION_DEADLINE, Outcome};
 use fleetscan_core::{AccessKind, Action, Policy};
-use fleetscan_fanotify::{Fanotify, PERMISSION_MASK, Response};
+use fleetscan_fanotify::{Fanotify, LeaseOutcome, PERMISSION_MASK, ReadLease, Response};
 use fleetscan_proto::{convert, v1};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::mpsc;
@@ -284,7 +284,7 @@ impl Shared {
     }
 
     /// A cached decision for `key`, if any.
-    pub fn cached(&self, key: &FileKey) -> Option<CachedDecision> {
+    pub fn cached(&self, key: &FileKey) -> Option<Arc<CachedDecision>> {
         self.cache.lock().get(key, Instant::now())
     }
 
@@ -318,12 +318,15 @@ impl Shared {
         }
     }
 
-    /// Caches a decision for the event's file identity, if the generation did not move since
-    /// the event arrived, and places a kernel ignore mark for it when allowed. The mark is
-    /// placed first and the file's identity checked again after: a writer that changed the
-    /// file in between (the mark would then cover content nobody scanned) makes us take the
-    /// mark back.
+    /// Caches a decision for the version of the file that was hashed, if the generation did
+    /// not move since the event arrived and the hash is known to be of that version alone
+    /// (`stable`: hashed under a read lease), and places a kernel ignore mark for it when
+    /// allowed (see [`Shared::place_ignore_mark`]).
     pub fn cache_decision(&self, ev: &PendingEvent, decision: CachedDecision) {
+        if !ev.stable {
+            debug!(path = %ev.path, "file had a writer while hashed, decision not cached");
+            return;
+        }
         let mark = decision.ignorable && self.config.ignore_marks;
         let mut c = self.cache.lock();
         if !c.insert(ev.key, decision, ev.generation) {
@@ -336,7 +339,20 @@ impl Shared {
     }
 
     /// Places an ignore mark through `file` if its identity is still `key`.
+    ///
+    /// The kernel clears an ignore mask on the first modify event *after* the mark is there; a
+    /// write that finished before it is only seen in the identity. So: under a read lease (no
+    /// writer has the file open, none can open it until the lease is dropped, so no write is
+    /// under way and the file has no writable mapping), place the mark, then compare the
+    /// identity with `key` (ctime and mtime to the nanosecond: on this kernel's multigrain
+    /// filesystems a change after our statx always gets a new ctime) and take the mark back
+    /// when they differ. A file open for writing gets no mark: it is about to change.
     pub fn place_ignore_mark(&self, file: &File, key: &FileKey) {
+        let lease = ReadLease::try_acquire(file.as_fd());
+        if let LeaseOutcome::Writers = lease {
+            debug!("file open for writing, no ignore mark");
+            return;
+        }
         if let Err(e) = self.group.add_ignore_mark(file.as_fd(), PERMISSION_MASK) {
             debug!(error = %e, "ignore mark not placed");
             return;
@@ -349,6 +365,7 @@ impl Shared {
                 }
             }
         }
+        drop(lease);
     }
 
     /// Re-places the mark for a cached clean decision (evictable marks vanish when the kernel

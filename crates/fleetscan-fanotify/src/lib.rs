@@ -411,6 +411,8 @@ pub struct FileStat {
     pub size: u64,
     pub ctime_sec: i64,
     pub ctime_nsec: u32,
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
     /// The id of the mount the descriptor was opened through, as in `/proc/*/mountinfo`;
     /// `None` where the kernel does not report it.
     pub mnt_id: Option<u64>,
@@ -449,8 +451,81 @@ pub fn statx_fd(fd: BorrowedFd<'_>) -> io::Result<FileStat> {
         size: st.stx_size,
         ctime_sec: st.stx_ctime.tv_sec,
         ctime_nsec: st.stx_ctime.tv_nsec,
+        mtime_sec: st.stx_mtime.tv_sec,
+        mtime_nsec: st.stx_mtime.tv_nsec,
         mnt_id: (st.stx_mask & libc::STATX_MNT_ID != 0).then_some(st.stx_mnt_id),
     })
+}
+
+/// A read lease on an open file (`F_SETLEASE`, `F_RDLCK`), released when dropped.
+///
+/// The kernel grants it only while nobody has the file open for writing, and while it is held
+/// every open for writing and every truncate of the file waits in `break_lease` (at most
+/// `/proc/sys/fs/lease-break-time`) until it is released. So content read while holding it,
+/// and an ignore mark placed while holding it, belong to one version of the file: a write
+/// that was already under way (its ctime updated at its start, its data copied after, its
+/// modify event sent last) makes the lease fail instead of letting a torn read or a stale
+/// mark through.
+///
+/// Lease breaks are announced with `SIGIO`, whose default action ends the process; the first
+/// lease taken sets `SIGIO` to ignored for the whole process (the agent needs no `SIGIO`).
+#[derive(Debug)]
+pub struct ReadLease<'a> {
+    fd: BorrowedFd<'a>,
+}
+
+/// What [`ReadLease::try_acquire`] found.
+#[derive(Debug)]
+pub enum LeaseOutcome<'a> {
+    /// Held: nobody has the file open for writing.
+    Held(ReadLease<'a>),
+    /// Someone has the file open for writing (`EAGAIN`): its content may be changing.
+    Writers,
+    /// The filesystem or the descriptor does not support leases (e.g. not a regular file,
+    /// leases disabled): nothing is known either way.
+    Unsupported(io::Error),
+}
+
+fn ignore_sigio() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: SIG_IGN is a valid disposition for SIGIO; `sigaction` is not used here,
+        // `signal` with SIG_IGN has no handler to be async-signal-safe.
+        unsafe { libc::signal(libc::SIGIO, libc::SIG_IGN) };
+    });
+}
+
+impl<'a> ReadLease<'a> {
+    /// Takes a read lease on `fd` (which must be open read-only), without blocking.
+    pub fn try_acquire(fd: BorrowedFd<'a>) -> LeaseOutcome<'a> {
+        ignore_sigio();
+        // SAFETY: fcntl on a borrowed, open descriptor with integer arguments only.
+        let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) };
+        if rc == 0 {
+            return LeaseOutcome::Held(ReadLease { fd });
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) => LeaseOutcome::Writers,
+            _ => LeaseOutcome::Unsupported(e),
+        }
+    }
+
+    /// Whether the lease is still held whole: false once an open for writing (or a truncate)
+    /// has started to break it. That writer is still waiting for [`Drop`], so the content has
+    /// not changed yet; but it is about to.
+    pub fn intact(&self) -> bool {
+        // SAFETY: as in `try_acquire`.
+        let rc = unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_GETLEASE) };
+        rc == libc::F_RDLCK
+    }
+}
+
+impl Drop for ReadLease<'_> {
+    fn drop(&mut self) {
+        // SAFETY: as in `try_acquire`; releasing lets any waiting writer go ahead.
+        unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
+    }
 }
 
 /// `POLLIN`: data to read (a fanotify group with events; an exited process's pidfd).

@@ -38,6 +38,9 @@ pub enum Mode {
     /// Asks for the content; allows (clean) when the upload matches the request's SHA-256,
     /// denies otherwise.
     AskContent,
+    /// Denies (malicious, cacheable) content whose SHA-256 (hex) is listed, allows (clean,
+    /// cacheable) the rest: a scanner that knows some malware.
+    Blocklist(Vec<String>),
 }
 
 #[derive(Debug, Default)]
@@ -141,6 +144,9 @@ impl AgentService for Svc {
                             Mode::Hang => None,
                             Mode::Clean => Some(decision(a.request_id, &a.sha256, false)),
                             Mode::Malicious => Some(decision(a.request_id, &a.sha256, true)),
+                            Mode::Blocklist(bad) => {
+                                Some(decision(a.request_id, &a.sha256, bad.contains(&a.sha256)))
+                            }
                             Mode::AskContent => {
                                 st.uploads.lock().insert(
                                     a.request_id,
