@@ -56,7 +56,7 @@ pub(crate) struct JobsArgs {
 
 /// A scanner that finds everything clean at once; its identity is fixed so that verdicts are
 /// comparable between runs.
-struct NullScanner;
+pub(crate) struct NullScanner;
 
 impl Scanner for NullScanner {
     fn identity(&self) -> ScannerIdentity {
@@ -138,7 +138,7 @@ async fn jobs_async(a: &JobsArgs) -> anyhow::Result<()> {
     let mut worker_tasks = Vec::with_capacity(a.workers);
     for i in 0..a.workers {
         let config = WorkerConfig {
-            broker: url.clone(),
+            brokers: vec![url.clone()],
             worker_name: format!("bench-worker-{i}"),
             credits: a.credits,
             max_file_size: 0,

@@ -6,10 +6,17 @@
 //! request is answered by the fail mode; it never ends the stream. Records are written after
 //! the decision is sent, through the write-behind queue; the stream's reader never waits on the
 //! store.
+//!
+//! The cached path (known content, the fleet's steady state) is the hot one: it must never
+//! spawn, await the store, or build a record for an allowed access (those are only counted).
+//! Requests that arrive together are decided together before the reader yields, so that their
+//! decisions leave in one write, and the outbound side drains its queue without re-arming its
+//! select for every message.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use fleetscan_core::{AccessRecord, Action, DecidedBy, Sha256, Verdict, now_unix_ms};
@@ -42,6 +49,13 @@ const OUTBOUND: usize = 1024;
 const MAX_PENDING: usize = 4096;
 /// The longest a request is waited for, whatever deadline the agent gives.
 const MAX_REQUEST_DEADLINE: Duration = Duration::from_secs(60);
+/// Messages the reader handles in a row once one arrived, when more are already buffered,
+/// before it goes back to its select (stop, closed, host tick): bounded so those are still
+/// seen under a steady flood.
+const INBOUND_BATCH: usize = 256;
+/// Messages the outbound side yields in a row from its queue before it looks at its select
+/// again; a pending flush or stop ends the run at once.
+const OUTBOUND_BATCH: usize = 256;
 
 pub type SessionStream = Pin<Box<dyn Stream<Item = Result<v1::BrokerMessage, Status>> + Send>>;
 
@@ -168,14 +182,41 @@ fn outbound(
                         })),
                     });
                 }
-                message = rx.recv() => match message {
-                    Some(Ok(message)) => yield Ok(message),
-                    Some(Err(status)) => {
-                        yield Err(status);
+                message = rx.recv() => {
+                    let mut next = message;
+                    let mut yielded = 0;
+                    let mut end = false;
+                    // Whatever else is queued goes out in the same run. A flush is never
+                    // overtaken: a changed generation ends the run and the select sends it first.
+                    loop {
+                        match next {
+                            Some(Ok(message)) => yield Ok(message),
+                            Some(Err(status)) => {
+                                yield Err(status);
+                                end = true;
+                                break;
+                            }
+                            None => {
+                                end = true;
+                                break;
+                            }
+                        }
+                        yielded += 1;
+                        if yielded == OUTBOUND_BATCH
+                            || generation.has_changed().unwrap_or(true)
+                            || *stop.borrow()
+                        {
+                            break;
+                        }
+                        match rx.try_recv() {
+                            Ok(message) => next = Some(message),
+                            Err(_) => break,
+                        }
+                    }
+                    if end {
                         break;
                     }
-                    None => break,
-                },
+                }
                 _ = heartbeat.tick() => yield Ok(v1::BrokerMessage {
                     msg: Some(broker_message::Msg::Heartbeat(v1::Heartbeat {
                         sent_at_unix_ms: now_unix_ms(),
@@ -202,13 +243,10 @@ async fn read_loop(
                 session.host_seen(&engine);
                 session.flush_counts(&engine);
             }
-            message = inbound.message() => match message {
-                Ok(Some(message)) => handle(&engine, &session, message).await,
-                Ok(None) => break,
-                Err(status) => {
-                    debug!(node = %session.node, %status, "agent stream failed");
-                    // E.g. an oversized message: tell the agent why its stream ends.
-                    let _ = session.link.tx.try_send(Err(status));
+            message = inbound.message() => {
+                if !on_inbound(&engine, &session, message).await
+                    || !drain_inbound(&engine, &session, &mut inbound).await
+                {
                     break;
                 }
             }
@@ -218,6 +256,52 @@ async fn read_loop(
     engine.sessions.lock().remove(&session.id);
     session.flush_counts(&engine);
     info!(node = %session.node, "agent disconnected");
+}
+
+/// Handles one result of the inbound stream; false when the stream is over.
+async fn on_inbound(
+    engine: &Arc<Engine>,
+    session: &Arc<Session>,
+    message: Result<Option<v1::AgentMessage>, Status>,
+) -> bool {
+    match message {
+        Ok(Some(message)) => {
+            handle(engine, session, message).await;
+            true
+        }
+        Ok(None) => false,
+        Err(status) => {
+            debug!(node = %session.node, %status, "agent stream failed");
+            // E.g. an oversized message: tell the agent why its stream ends.
+            let _ = session.link.tx.try_send(Err(status));
+            false
+        }
+    }
+}
+
+/// Handles the messages already received (up to [`INBOUND_BATCH`]) without waiting for more,
+/// so that a burst of requests is decided before this task yields and the connection writes
+/// their decisions at once. False when the stream is over.
+async fn drain_inbound(
+    engine: &Arc<Engine>,
+    session: &Arc<Session>,
+    inbound: &mut Streaming<v1::AgentMessage>,
+) -> bool {
+    for _ in 0..INBOUND_BATCH {
+        // One poll: a message already decoded or buffered is Ready, anything else is Pending
+        // (and the select's next poll waits for it).
+        let next =
+            std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *inbound).poll_next(cx))).await;
+        match next {
+            Poll::Ready(message) => {
+                if !on_inbound(engine, session, message.transpose()).await {
+                    return false;
+                }
+            }
+            Poll::Pending => return true,
+        }
+    }
+    true
 }
 
 async fn handle(engine: &Arc<Engine>, session: &Arc<Session>, message: v1::AgentMessage) {
@@ -255,22 +339,33 @@ fn request_deadline(request: &v1::AccessRequest, engine: &Engine, tenant: &str) 
     }
 }
 
-async fn access(engine: &Arc<Engine>, session: &Arc<Session>, request: v1::AccessRequest) {
+async fn access(engine: &Arc<Engine>, session: &Arc<Session>, mut request: v1::AccessRequest) {
     let policy = engine.policy(&session.tenant);
-    let sha256 = match convert::sha256("sha256", &request.sha256) {
-        Ok(sha256) => sha256,
-        Err(e) => {
-            let decided = decide::fail(policy, format!("invalid request: {e}"));
-            session.decide(engine, &request, None, decided, None).await;
-            return;
-        }
+    let (sha256, canonical) = match parse_canonical_sha256(&request.sha256) {
+        Some(sha256) => (sha256, true),
+        None => match convert::sha256("sha256", &request.sha256) {
+            Ok(sha256) => (sha256, false),
+            Err(e) => {
+                let decided = decide::fail(policy, format!("invalid request: {e}"));
+                session.decide(engine, &request, None, decided, None).await;
+                return;
+            }
+        },
     };
     // The hot path: known content of the pool's current identity, no store, no spawn.
     if let Some(verdict) = engine.cached(&sha256, DEFAULT_POOL) {
         bump(&engine.stats.cache_hits);
         let decided = decide::decide(policy, &Resolution::Verdict(verdict.clone()));
+        // The request's digest is the verdict's, already in canonical form: echo it rather
+        // than format the digest again.
+        let hex = if canonical {
+            std::mem::take(&mut request.sha256)
+        } else {
+            sha256.to_hex()
+        };
+        let verdict = verdict_to_proto(&verdict, hex);
         session
-            .decide(engine, &request, Some(sha256), decided, Some(&verdict))
+            .decide(engine, &request, Some(sha256), decided, Some(verdict))
             .await;
         return;
     }
@@ -331,11 +426,46 @@ async fn access(engine: &Arc<Engine>, session: &Arc<Session>, request: v1::Acces
     }
 }
 
-fn verdict_of(resolution: &Resolution) -> Option<&Verdict> {
+fn verdict_of(resolution: &Resolution) -> Option<v1::Verdict> {
     match resolution {
-        Resolution::Verdict(v) => Some(v),
+        Resolution::Verdict(v) => Some(v.as_ref().into()),
         _ => None,
     }
+}
+
+/// The verdict on the wire, with its digest already in hex. Every field is named, so that a new
+/// field of the message cannot be forgotten here.
+fn verdict_to_proto(v: &Verdict, sha256_hex: String) -> v1::Verdict {
+    v1::Verdict {
+        sha256: sha256_hex,
+        scanner: Some((&v.scanner).into()),
+        result: convert::verdict_kind_to_proto(v.kind).into(),
+        threat_name: v.threat_name.clone().unwrap_or_default(),
+        detail: v.detail.clone().unwrap_or_default(),
+        scanned_at_unix_ms: v.scanned_at_unix_ms,
+        scan_micros: v.scan_micros,
+    }
+}
+
+/// The digest of a request when it is in canonical form (64 lower-case hex digits, what agents
+/// send), else `None` (the general parser then decides, and accepts upper case too).
+fn parse_canonical_sha256(hex: &str) -> Option<Sha256> {
+    fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        }
+    }
+    let bytes = hex.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (byte, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+    }
+    Some(Sha256(out))
 }
 
 impl Session {
@@ -346,7 +476,7 @@ impl Session {
         request: &v1::AccessRequest,
         sha256: Option<Sha256>,
         decided: Decided,
-        verdict: Option<&Verdict>,
+        verdict: Option<v1::Verdict>,
     ) {
         let record = decided.record.then(|| AccessRecord {
             at_unix_ms: now_unix_ms(),
@@ -379,7 +509,7 @@ impl Session {
                 reason: decided.reason,
                 cacheable: decided.cacheable,
                 ttl_seconds: decided.ttl_seconds,
-                verdicts: verdict.map(|v| vec![v.into()]).unwrap_or_default(),
+                verdicts: verdict.into_iter().collect(),
             })),
         };
         if self.link.tx.send(Ok(message)).await.is_err() {
@@ -542,5 +672,69 @@ mod tests {
             matches!(second.msg, Some(broker_message::Msg::Flush(_))),
             "{second:?}"
         );
+    }
+
+    /// The outbound side sends queued messages in runs; a rule-set change in the middle of a
+    /// run must end it, so that the flush goes out before the rest of the queue.
+    #[tokio::test]
+    async fn a_flush_ends_a_run_of_queued_messages() {
+        use tokio_stream::StreamExt;
+
+        let (generation_tx, generation) = watch::channel(1u64);
+        let (_stop_tx, stop) = watch::channel(false);
+        let (tx, rx) = mpsc::channel(8);
+        let accepted = v1::BrokerMessage {
+            msg: Some(broker_message::Msg::Accepted(v1::SessionAccepted::default())),
+        };
+        let decision = |request_id| {
+            Ok(v1::BrokerMessage {
+                msg: Some(broker_message::Msg::Decision(v1::Decision {
+                    request_id,
+                    ..Default::default()
+                })),
+            })
+        };
+        let mut stream = outbound(accepted, rx, generation, stop);
+        stream.next().await.unwrap().unwrap();
+        for id in 1..=3 {
+            tx.send(decision(id)).await.unwrap();
+        }
+        let kind = |m: v1::BrokerMessage| match m.msg {
+            Some(broker_message::Msg::Decision(d)) => format!("decision {}", d.request_id),
+            Some(broker_message::Msg::Flush(f)) => format!("flush {}", f.verdict_generation),
+            other => format!("{other:?}"),
+        };
+        assert_eq!(kind(stream.next().await.unwrap().unwrap()), "decision 1");
+        generation_tx.send(2).unwrap();
+        let rest: Vec<String> = [
+            stream.next().await,
+            stream.next().await,
+            stream.next().await,
+        ]
+        .into_iter()
+        .map(|m| kind(m.unwrap().unwrap()))
+        .collect();
+        assert_eq!(rest, ["flush 2", "decision 2", "decision 3"]);
+    }
+
+    #[test]
+    fn canonical_digests_parse_like_the_general_parser() {
+        for content in [&b""[..], b"x", b"fleetscan"] {
+            let digest = Sha256::of(content);
+            let hex = digest.to_hex();
+            assert_eq!(parse_canonical_sha256(&hex), Some(digest));
+            // Upper case is valid but not canonical: the general parser takes it, and the
+            // decision then carries the digest re-formatted.
+            assert_eq!(parse_canonical_sha256(&hex.to_uppercase()), None);
+            assert_eq!(
+                convert::sha256("sha256", &hex.to_uppercase()).ok(),
+                Some(digest)
+            );
+        }
+        let hex = Sha256::of(b"x").to_hex();
+        assert_eq!(parse_canonical_sha256(&hex[..63]), None);
+        assert_eq!(parse_canonical_sha256(&format!("{hex}0")), None);
+        assert_eq!(parse_canonical_sha256(&format!("g{}", &hex[1..])), None);
+        assert_eq!(parse_canonical_sha256(&format!("é{}", &hex[2..])), None);
     }
 }

@@ -27,6 +27,10 @@ pub struct BrokerConfig {
     pub write_queue: usize,
     /// Verdicts held in memory (default 1 000 000).
     pub verdict_cache_capacity: usize,
+    /// How long a claim on a scan holds without renewal (default 5 s): brokers sharing a
+    /// Postgres store wait this long at most for a claimer that died before taking over.
+    #[serde(with = "humantime_serde")]
+    pub claim_ttl: Duration,
 }
 
 impl Default for BrokerConfig {
@@ -40,6 +44,7 @@ impl Default for BrokerConfig {
             max_tries: 3,
             write_queue: 100_000,
             verdict_cache_capacity: 1_000_000,
+            claim_ttl: Duration::from_secs(5),
         }
     }
 }

@@ -1,16 +1,22 @@
 //! The broker's shared state and the verdict path every service uses: memory cache, then (once
-//! per content, single-flight) the store, then content and a job on the pool's workers.
+//! per content, single-flight) the store, then — once per content in the whole fleet, through a
+//! claim in the store ([`crate::fleet`]) — content and a job on the pool's workers.
+//!
+//! Each pool's current scanner identity and the verdict generation agents are given are the
+//! fleet's (the store's), so that every broker replica hands out the same ones; while the store
+//! cannot be reached, a new identity is used at once on this broker under a generation of its
+//! own, and confirmed in the store when it returns.
 //!
 //! The decision path never writes to the store (writes go to the write-behind queue after the
 //! answer) and never holds a lock across an await. A scan, once started, runs to its own end
 //! (bounded by `scan_deadline`) even when the request that started it has stopped waiting, so
 //! that its verdict serves the next request.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use fleetscan_core::{DEFAULT_TENANT, Policy, ScannerIdentity, Sha256, Verdict, now_unix_ms};
-use fleetscan_store::Store;
+use fleetscan_store::{FleetState, Store};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Semaphore, watch};
 use tracing::{info, warn};
@@ -19,6 +25,7 @@ use crate::cache::{Identities, IdentityId, InternedIdentity, VerdictCache};
 use crate::config::BrokerConfig;
 use crate::content::ContentSource;
 use crate::decide::Resolution;
+use crate::fleet::{Fleet, Standing};
 use crate::flight::{Joined, Leader, SingleFlight, Waiter};
 use crate::scheduler::{EnqueueError, JobPayload, RunOutcome, Scheduler};
 use crate::stats::{Stats, bump};
@@ -64,6 +71,12 @@ pub struct Engine {
     pub identities: Identities,
     /// Each pool's current scanner identity: the one whose verdicts are used.
     current: RwLock<HashMap<String, Arc<InternedIdentity>>>,
+    /// Identities this broker has seen in each pool (from the fleet or its own workers).
+    seen: Mutex<HashSet<(String, IdentityId)>>,
+    /// Pools whose current identity was set here while the store was unreachable, and is not
+    /// yet the fleet's: re-registered until the store takes it.
+    unconfirmed: Mutex<HashMap<String, ScannerIdentity>>,
+    pub fleet: Arc<Fleet>,
     flights: SingleFlight<FlightKey, Resolution, ContentSource>,
     pub scheduler: Arc<Scheduler>,
     pub writer: WriteBehind,
@@ -83,15 +96,21 @@ impl Engine {
         writer: WriteBehind,
         stop: watch::Receiver<bool>,
     ) -> Self {
-        // Starting from the clock keeps generations of successive broker runs apart, so an
-        // agent reconnecting to a restarted broker never keeps decisions of older rules.
-        let first_generation = u64::try_from(now_unix_ms()).unwrap_or(1).max(1);
+        // Until the fleet's generation is read: one of this broker's own, which no agent holds.
+        let first_generation = local_generation();
         Engine {
             cache: VerdictCache::new(config.verdict_cache_capacity),
+            fleet: Arc::new(Fleet::new(
+                store.clone(),
+                &config.broker_id,
+                config.claim_ttl,
+            )),
             config,
             store,
             identities: Identities::default(),
             current: RwLock::new(HashMap::new()),
+            seen: Mutex::new(HashSet::new()),
+            unconfirmed: Mutex::new(HashMap::new()),
             flights: SingleFlight::default(),
             scheduler: Arc::new(Scheduler::default()),
             writer,
@@ -114,31 +133,95 @@ impl Engine {
         self.current.read().get(pool).cloned()
     }
 
-    /// Makes `identity` the pool's current one. When it differs from the previous one, older
-    /// verdicts are no longer used (they are keyed by identity), the verdict generation is
-    /// bumped, and every connected agent is told to flush (through the generation watch).
-    pub fn set_pool_identity(&self, pool: &str, identity: &ScannerIdentity) -> bool {
-        let interned = self.identities.intern(identity);
+    /// A worker registered `identity` in the pool (or reported it with a result). The fleet
+    /// decides whether it becomes the pool's current one: it does when no broker has seen it in
+    /// this pool before. When the store cannot be reached, this broker decides alone by the same
+    /// rule on what it has seen, under a generation of its own, and confirms with the fleet
+    /// later.
+    pub async fn register_identity(self: &Arc<Self>, pool: &str, identity: &ScannerIdentity) {
+        let registered = self
+            .fleet
+            .guarded(
+                self.store
+                    .register_identity(DEFAULT_TENANT, pool, identity, now_unix_ms()),
+            )
+            .await;
+        match registered {
+            Ok(state) => {
+                {
+                    let mut unconfirmed = self.unconfirmed.lock();
+                    if unconfirmed.get(pool) == Some(identity) {
+                        unconfirmed.remove(pool);
+                    }
+                }
+                self.apply_fleet(&state);
+            }
+            Err(e) => {
+                warn!(pool, error = %e, "scanner identity not registered with the fleet; deciding locally");
+                let interned = self.identities.intern(identity);
+                let new = self.seen.lock().insert((pool.to_owned(), interned.id));
+                if (new || self.current(pool).is_none()) && self.set_current(pool, interned) {
+                    self.unconfirmed
+                        .lock()
+                        .insert(pool.to_owned(), identity.clone());
+                    let generation = local_generation();
+                    self.generation.send_replace(generation);
+                    info!(pool, generation, "verdict generation moved locally; agents flush");
+                }
+            }
+        }
+    }
+
+    /// Adopts the fleet's state: each pool's current identity and the verdict generation. Pools
+    /// whose identity this broker set alone (store unreachable) keep it and are registered
+    /// again; until the fleet has them, the generation stays this broker's own.
+    pub fn apply_fleet(self: &Arc<Self>, state: &FleetState) {
+        let unconfirmed = self.unconfirmed.lock().clone();
+        for p in state.pools.iter().filter(|p| p.tenant == DEFAULT_TENANT) {
+            if unconfirmed.contains_key(&p.pool) {
+                continue;
+            }
+            let interned = self.identities.intern(&p.identity);
+            self.seen.lock().insert((p.pool.clone(), interned.id));
+            self.set_current(&p.pool, interned);
+        }
+        if unconfirmed.is_empty() {
+            let changed = self.generation.send_if_modified(|g| {
+                let changed = *g != state.generation;
+                *g = state.generation;
+                changed
+            });
+            if changed {
+                info!(generation = state.generation, "verdict generation of the fleet adopted; agents of other generations flush");
+            }
+        } else {
+            for (pool, identity) in unconfirmed {
+                let engine = self.clone();
+                tokio::spawn(async move { engine.register_identity(&pool, &identity).await });
+            }
+        }
+    }
+
+    /// Makes `identity` the pool's current one on this broker; whether it changed. Older
+    /// verdicts are no longer used (they are keyed by identity) and only workers with this
+    /// identity get jobs.
+    fn set_current(&self, pool: &str, identity: Arc<InternedIdentity>) -> bool {
         {
             let mut current = self.current.write();
-            if current.get(pool).is_some_and(|c| c.id == interned.id) {
+            if current.get(pool).is_some_and(|c| c.id == identity.id) {
                 return false;
             }
-            current.insert(pool.to_owned(), interned);
+            current.insert(pool.to_owned(), identity.clone());
         }
-        let mut generation = 0;
-        self.generation.send_modify(|g| {
-            *g += 1;
-            generation = *g;
-        });
+        self.scheduler.set_current(pool, identity.identity.clone());
+        let id = &identity.identity;
         info!(
             pool,
-            scanner = %identity.scanner,
-            engine = %identity.engine,
-            engine_version = %identity.engine_version,
-            ruleset_version = %identity.ruleset_version,
-            generation,
-            "scanner identity changed; agents flush cached decisions"
+            scanner = %id.scanner,
+            engine = %id.engine,
+            engine_version = %id.engine_version,
+            ruleset_version = %id.ruleset_version,
+            "pool's scanner identity changed"
         );
         true
     }
@@ -249,26 +332,43 @@ impl Engine {
         if let Some(v) = self.cache.get(&job.sha256, identity.id) {
             return Resolution::Verdict(v);
         }
-        match self
-            .store
-            .find_verdict(&job.sha256, &identity.identity)
-            .await
-        {
-            Ok(Some(v)) => {
-                bump(&self.stats.store_hits);
-                let v = Arc::new(v);
-                self.cache.insert(identity.id, v.clone());
-                return Resolution::Verdict(v);
-            }
-            Ok(None) => {}
-            // The store being down must not stop scanning: carry on as for unknown content.
-            Err(e) => warn!(error = %e, sha256 = %job.sha256, "verdict look-up failed"),
-        }
         let policy = self.policy(&job.tenant);
         if job.size > policy.max_file_size {
+            if let Some(v) = self.stored(identity, job).await {
+                return Resolution::Verdict(v);
+            }
             return Resolution::Oversize(job.size);
         }
+        // The store, then a claim on the scan: another broker may be scanning it right now.
+        let mut waited = false;
+        let claim = loop {
+            if let Some(v) = self.stored(identity, job).await {
+                return Resolution::Verdict(v);
+            }
+            match self.fleet.stand(&job.sha256, &identity.identity).await {
+                // Another broker may have stored the verdict and released its claim between
+                // our look-up and our claim: look once more before scanning again.
+                Standing::Scan(Some(claim)) => match self.stored(identity, job).await {
+                    Some(v) => {
+                        claim.release().await;
+                        return Resolution::Verdict(v);
+                    }
+                    None => break Some(claim),
+                },
+                Standing::Scan(None) => break None,
+                Standing::Wait => {
+                    if !waited {
+                        waited = true;
+                        bump(&self.stats.scans_deduplicated);
+                    }
+                    self.fleet.wait_for_verdict(&job.sha256).await;
+                }
+            }
+        };
         if !self.scheduler.is_live(job.pool, &job.tenant, job.size) {
+            if let Some(claim) = claim {
+                claim.release().await;
+            }
             return Resolution::Failed("no live scanner".into());
         }
         let mut last_error = String::from("no agent could provide it");
@@ -329,9 +429,24 @@ impl Engine {
                 if verdict.kind.is_conclusive() {
                     let id = self.identities.intern(&verdict.scanner).id;
                     self.cache.insert(id, verdict.clone());
-                    self.writer.submit(WriteOp::Verdict(verdict.clone()));
+                    // Brokers waiting on our claim read the verdict from the store when we
+                    // release it, so it is written first, not behind.
+                    let stored = match &claim {
+                        Some(_) => self
+                            .fleet
+                            .guarded(self.store.put_verdict(&verdict))
+                            .await
+                            .is_ok(),
+                        None => false,
+                    };
+                    if !stored {
+                        self.writer.submit(WriteOp::Verdict(verdict.clone()));
+                    }
                 } else {
                     bump(&self.stats.scan_errors);
+                }
+                if let Some(claim) = claim {
+                    claim.release().await;
                 }
                 Resolution::Verdict(verdict)
             }
@@ -345,6 +460,28 @@ impl Engine {
                     warn!(sha256 = %job.sha256, "scan queue full; the fail mode decides");
                 }
                 Resolution::Failed(e.to_string())
+            }
+        }
+    }
+
+    /// The stored verdict of this identity, if the store has one and answers in time.
+    async fn stored(&self, identity: &InternedIdentity, job: &Job) -> Option<Arc<Verdict>> {
+        match self
+            .fleet
+            .guarded(self.store.find_verdict(&job.sha256, &identity.identity))
+            .await
+        {
+            Ok(Some(v)) => {
+                bump(&self.stats.store_hits);
+                let v = Arc::new(v);
+                self.cache.insert(identity.id, v.clone());
+                Some(v)
+            }
+            Ok(None) => None,
+            // The store being down must not stop scanning: carry on as for unknown content.
+            Err(e) => {
+                warn!(error = %e, sha256 = %job.sha256, "verdict look-up failed");
+                None
             }
         }
     }
@@ -367,6 +504,16 @@ struct Job {
     tenant: String,
     pool: &'static str,
     path_hint: String,
+}
+
+/// A verdict generation of this broker's own, for use while the fleet's is unknown: the top
+/// bit set keeps it apart from the fleet's (which count up from a time in milliseconds), and
+/// the microsecond clock keeps one broker's successive ones, and different brokers', apart.
+fn local_generation() -> u64 {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX >> 1));
+    (1 << 63) | (micros & (u64::MAX >> 1))
 }
 
 /// The tenant a peer named, or the default one.

@@ -20,6 +20,7 @@ pub mod content;
 pub mod decide;
 pub mod engine;
 pub mod error;
+pub mod fleet;
 pub mod flight;
 pub mod queue;
 pub mod scan;
@@ -74,6 +75,10 @@ impl Broker {
         let (writer, queue) = write_behind(config.write_queue);
         let (stop, stop_rx) = watch::channel(false);
         let engine = Arc::new(Engine::new(config, store, writer, stop_rx));
+        // The fleet's generation and pool identities before the first agent is served, so that
+        // agents moving here from another replica keep their caches.
+        let fleet = engine.store.fleet_state().await?;
+        engine.apply_fleet(&fleet);
         Ok(Broker {
             engine,
             queue,
@@ -94,6 +99,12 @@ impl Broker {
             stop,
         } = self;
         let writer = spawn_writer(queue, engine.store.clone());
+        let fleet = {
+            let applier = engine.clone();
+            engine
+                .fleet
+                .spawn(move |state| applier.apply_fleet(&state), stop.subscribe())
+        };
 
         let agent = AgentServiceServer::new(AgentSvc {
             engine: engine.clone(),
@@ -174,6 +185,7 @@ impl Broker {
         health
             .set_not_serving::<AgentServiceServer<AgentSvc>>()
             .await;
+        let _ = fleet.await;
         let lost = writer.shutdown(DRAIN).await;
         info!(records_lost = lost, "broker stopped");
         result

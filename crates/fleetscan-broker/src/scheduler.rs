@@ -153,6 +153,10 @@ struct JobEntry {
 
 struct Pool {
     workers: BTreeMap<WorkerId, Worker>,
+    /// The pool's current scanner identity: only its workers get jobs (during a rolling
+    /// upgrade, workers still on the old rules idle). `None` until the broker knows one; then
+    /// every worker qualifies.
+    current: Option<ScannerIdentity>,
     queue: FairQueue<JobId>,
     jobs: HashMap<JobId, JobEntry>,
 }
@@ -161,6 +165,7 @@ impl Default for Pool {
     fn default() -> Self {
         Pool {
             workers: BTreeMap::new(),
+            current: None,
             // Each pool's queue may hold every job; the global bound is checked in `enqueue`.
             queue: FairQueue::new(MAX_QUEUED_JOBS),
             jobs: HashMap::new(),
@@ -172,8 +177,17 @@ impl Pool {
     fn is_live(&self, tenant: &str, size: u64) -> bool {
         self.workers
             .values()
-            .any(|w| w.asked_for_work && !w.broken && w.serves(tenant, size))
+            .any(|w| w.asked_for_work && !w.broken && eligible(&self.current, w, tenant, size))
     }
+}
+
+/// Whether a worker may take a job of this tenant and size: it serves both and scans with the
+/// pool's current identity.
+fn eligible(current: &Option<ScannerIdentity>, w: &Worker, tenant: &str, size: u64) -> bool {
+    w.serves(tenant, size)
+        && current
+            .as_ref()
+            .is_none_or(|current| *current == w.attach.identity)
 }
 
 #[derive(Default)]
@@ -249,15 +263,22 @@ impl Scheduler {
     /// Changes the identity a worker's verdicts are made with (it reported new versions).
     pub fn set_identity(&self, worker: WorkerId, identity: ScannerIdentity) {
         let mut inner = self.inner.lock();
-        if let Some(pool) = inner
-            .worker_pools
-            .get(&worker)
-            .cloned()
-            .and_then(|name| inner.pools.get_mut(&name))
+        let Some(name) = inner.worker_pools.get(&worker).cloned() else {
+            return;
+        };
+        if let Some(pool) = inner.pools.get_mut(&name)
             && let Some(w) = pool.workers.get_mut(&worker)
         {
             w.attach.identity = identity;
         }
+        dispatch(&mut inner, &name);
+    }
+
+    /// Sets the pool's current identity: from now on only workers scanning with it get jobs.
+    pub fn set_current(&self, pool_name: &str, identity: ScannerIdentity) {
+        let mut inner = self.inner.lock();
+        inner.pools.entry(pool_name.to_owned()).or_default().current = Some(identity);
+        dispatch(&mut inner, pool_name);
     }
 
     /// Delivers a worker's result for one of its outstanding jobs.
@@ -480,12 +501,12 @@ fn dispatch(inner: &mut Inner, pool_name: &str) {
         if pool.queue.is_empty() || !pool.workers.values().any(Worker::can_take) {
             return;
         }
-        let (workers, jobs) = (&pool.workers, &pool.jobs);
+        let (workers, jobs, current) = (&pool.workers, &pool.jobs, &pool.current);
         let Some((tenant, job_id)) = pool.queue.pop_where(|tenant, id| {
             let size = jobs.get(id).map_or(0, |j| j.payload.content.len() as u64);
             workers
                 .values()
-                .any(|w| w.can_take() && w.serves(tenant, size))
+                .any(|w| w.can_take() && eligible(current, w, tenant, size))
         }) else {
             return;
         };
@@ -498,7 +519,7 @@ fn dispatch(inner: &mut Inner, pool_name: &str) {
         let chosen = pool
             .workers
             .iter()
-            .filter(|(_, w)| w.can_take() && w.serves(&tenant, size))
+            .filter(|(_, w)| w.can_take() && eligible(&pool.current, w, &tenant, size))
             // Prefer a worker that has not tried this job, then the one with most credit.
             .max_by_key(|(id, w)| (!job.avoid.contains(id), w.credits))
             .map(|(id, _)| *id);

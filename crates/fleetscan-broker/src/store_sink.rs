@@ -1,6 +1,8 @@
 //! The store as the write-behind queue's sink: each call maps the store's error to "retry
 //! later" (the store is unreachable) or "refused".
 
+use std::sync::Arc;
+
 use fleetscan_core::{AccessRecord, Verdict};
 use fleetscan_store::{Store, StoreError};
 
@@ -27,8 +29,8 @@ impl Sink for Store {
         .map_err(classify)
     }
 
-    async fn put_verdict(&self, verdict: &Verdict) -> Result<(), SinkError> {
-        Store::put_verdict(self, verdict).await.map_err(classify)
+    async fn put_verdicts(&self, verdicts: &[Arc<Verdict>]) -> Result<(), SinkError> {
+        Store::put_verdicts(self, verdicts).await.map_err(classify)
     }
 
     async fn record_accesses(&self, records: &[AccessRecord]) -> Result<(), SinkError> {

@@ -26,6 +26,9 @@ use crate::scheduler::{Attach, ToWorker, WORKER_CHANNEL, WorkerId, WorkerReport}
 
 /// A worker silent for this long is gone (the protocol's heartbeat rule).
 pub const WORKER_SILENCE: Duration = Duration::from_secs(30);
+/// How often a worker's silence is checked: a worker is detached between 30 and 31 s after its
+/// last message.
+const SILENCE_CHECK: Duration = Duration::from_secs(1);
 
 pub type AttachStream = Pin<Box<dyn Stream<Item = Result<v1::WorkerCommand, Status>> + Send>>;
 
@@ -77,8 +80,9 @@ impl v1::worker_service_server::WorkerService for WorkerSvc {
             attached_at_unix_ms: now_unix_ms(),
         };
         info!(worker = %attach.name, pool = %pool, scanner = %identity.scanner, engine = %identity.engine, engine_version = %identity.engine_version, ruleset_version = %identity.ruleset_version, "worker attached");
+        // The fleet settles the pool's identity before the worker can ask for work.
+        engine.register_identity(&pool, &identity).await;
         let worker = engine.scheduler.attach(attach.clone(), tx);
-        engine.set_pool_identity(&pool, &identity);
         let registered = v1::WorkerCommand {
             msg: Some(worker_command::Msg::Registered(v1::Registered {
                 broker_id: engine.config.broker_id.clone(),
@@ -166,37 +170,46 @@ async fn read_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut identity = attach.identity.clone();
+    // Silence is checked on a coarse timer rather than with a timeout per message: a timer
+    // armed and dropped for every message costs more than the message at high job rates.
+    let mut last_heard = Instant::now();
+    let mut silence = tokio::time::interval(SILENCE_CHECK);
+    silence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let message = tokio::select! {
             biased;
             () = stopped(&mut stop) => break,
-            message = tokio::time::timeout(WORKER_SILENCE, inbound.message()) => message,
+            message = inbound.message() => message,
+            _ = silence.tick() => {
+                if last_heard.elapsed() >= WORKER_SILENCE {
+                    warn!(worker = %attach.name, "worker silent for 30 s; detaching it");
+                    break;
+                }
+                continue;
+            }
         };
         let message = match message {
-            Err(_) => {
-                warn!(worker = %attach.name, "worker silent for 30 s; detaching it");
-                break;
-            }
-            Ok(Ok(Some(message))) => message,
-            Ok(Ok(None)) => break,
-            Ok(Err(status)) => {
+            Ok(Some(message)) => message,
+            Ok(None) => break,
+            Err(status) => {
                 debug!(worker = %attach.name, %status, "worker stream failed");
                 break;
             }
         };
+        last_heard = Instant::now();
         match message.msg {
             Some(worker_message::Msg::Credit(credit)) => {
                 engine.scheduler.grant(worker, credit.credits);
             }
             Some(worker_message::Msg::Result(result)) => {
                 let job_id = result.job_id;
-                let before = identity.clone();
+                let changed = versions_change(&identity, &result);
                 let report = report(&mut identity, result);
-                if identity != before {
+                if changed {
                     // The worker's engine or rules changed under it: its verdicts are the pool's
                     // current ones from now on.
+                    engine.register_identity(&attach.pool, &identity).await;
                     engine.scheduler.set_identity(worker, identity.clone());
-                    engine.set_pool_identity(&attach.pool, &identity);
                 }
                 if let Err(e) = engine.scheduler.complete(worker, job_id, report) {
                     warn!(worker = %attach.name, job_id, error = %e, "result for an unknown job ignored");
@@ -210,6 +223,14 @@ async fn read_loop(
     }
     engine.scheduler.detach(worker);
     info!(worker = %attach.name, pool = %attach.pool, "worker detached");
+}
+
+/// Whether the versions a result carries differ from the worker's identity (empty ones mean
+/// unchanged).
+fn versions_change(identity: &ScannerIdentity, result: &v1::ScanResult) -> bool {
+    (!result.engine_version.is_empty() && result.engine_version != identity.engine_version)
+        || (!result.ruleset_version.is_empty()
+            && result.ruleset_version != identity.ruleset_version)
 }
 
 /// The worker's result as a report; empty versions mean those in force for the worker, other
@@ -268,6 +289,20 @@ mod tests {
         assert_eq!(r.identity.ruleset_version, "r2");
         assert_eq!(id.ruleset_version, "r2");
         assert_eq!(id.engine_version, "1", "empty means unchanged");
+    }
+
+    #[test]
+    fn only_new_non_empty_versions_change_the_identity() {
+        let id = identity();
+        let result = |engine: &str, ruleset: &str| v1::ScanResult {
+            engine_version: engine.into(),
+            ruleset_version: ruleset.into(),
+            ..Default::default()
+        };
+        assert!(!versions_change(&id, &result("", "")));
+        assert!(!versions_change(&id, &result("1", "r1")));
+        assert!(versions_change(&id, &result("", "r2")));
+        assert!(versions_change(&id, &result("2", "")));
     }
 
     #[test]

@@ -64,7 +64,12 @@ pub struct SinkError {
 /// Where the writer puts records; the store in production, a fake in tests.
 pub trait Sink: Send + Sync + 'static {
     fn host_seen(&self, host: &HostSeen) -> impl Future<Output = Result<(), SinkError>> + Send;
-    fn put_verdict(&self, verdict: &Verdict) -> impl Future<Output = Result<(), SinkError>> + Send;
+    /// All or nothing, idempotent (a verdict replaces the stored one of its key), the later of
+    /// two verdicts of one key wins.
+    fn put_verdicts(
+        &self,
+        verdicts: &[Arc<Verdict>],
+    ) -> impl Future<Output = Result<(), SinkError>> + Send;
     fn record_accesses(
         &self,
         records: &[AccessRecord],
@@ -285,12 +290,20 @@ impl<S: Sink> Writer<S> {
             let Some(first) = first else { break };
             let mut batch = Batch::default();
             batch.add(first);
+            // Counted as backlog from the moment it leaves the queue: a record being gathered
+            // into a batch is not written yet.
+            self.shared
+                .in_batch
+                .store(batch.pending(), Ordering::Relaxed);
             let linger = tokio::time::sleep(LINGER);
             tokio::pin!(linger);
             while batch.pending() < MAX_BATCH as u64 {
                 tokio::select! {
                     op = self.rx.recv() => match op {
-                        Some(op) => batch.add(op),
+                        Some(op) => {
+                            batch.add(op);
+                            self.shared.in_batch.store(batch.pending(), Ordering::Relaxed);
+                        }
                         None => break,
                     },
                     _ = &mut linger => break,
@@ -360,9 +373,11 @@ async fn write_batch<S: Sink>(sink: &S, batch: &mut Batch) -> Result<(), SinkErr
         batch.hosts.remove(&key);
     }
     batch.host_ops = 0;
-    while let Some(v) = batch.verdicts.last() {
-        sink.put_verdict(v).await?;
-        batch.verdicts.pop();
+    // One statement (or a few) for every verdict of the batch: one insert each kept SQLite's
+    // writer busy and the queue growing under a high scan rate.
+    if !batch.verdicts.is_empty() {
+        sink.put_verdicts(&batch.verdicts).await?;
+        batch.verdicts.clear();
     }
     if !batch.accesses.is_empty() {
         sink.record_accesses(&batch.accesses).await?;
@@ -389,6 +404,7 @@ mod tests {
     struct Recorded {
         access_batches: Vec<usize>,
         accesses: usize,
+        verdict_batches: Vec<usize>,
         verdicts: usize,
         hosts: Vec<HostSeen>,
         counts: HashMap<String, (u64, u64)>,
@@ -424,9 +440,11 @@ mod tests {
             self.recorded.lock().hosts.push(host.clone());
             Ok(())
         }
-        async fn put_verdict(&self, _: &Verdict) -> Result<(), SinkError> {
+        async fn put_verdicts(&self, verdicts: &[Arc<Verdict>]) -> Result<(), SinkError> {
             self.call()?;
-            self.recorded.lock().verdicts += 1;
+            let mut r = self.recorded.lock();
+            r.verdict_batches.push(verdicts.len());
+            r.verdicts += verdicts.len();
             Ok(())
         }
         async fn record_accesses(&self, records: &[AccessRecord]) -> Result<(), SinkError> {
@@ -509,6 +527,34 @@ mod tests {
             assert_eq!(r.counts["n1"], (15, 3), "counts are summed, never lost");
         }
         assert_eq!(wb.backlog(), 0);
+        assert_eq!(writer.shutdown(Duration::from_secs(5)).await, 0);
+    }
+
+    /// Verdicts go to the sink a batch at a time, not one call each, and in the order they
+    /// came (the later of two verdicts of one key must win).
+    #[tokio::test(start_paused = true)]
+    async fn verdicts_are_written_a_batch_per_call() {
+        let (wb, queue) = write_behind(10_000);
+        let sink = FakeSink::default();
+        let writer = spawn_writer(queue, sink.clone());
+        for _ in 0..2500 {
+            assert!(wb.submit(verdict()));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        {
+            let r = sink.recorded.lock();
+            assert_eq!(r.verdicts, 2500);
+            assert!(
+                r.verdict_batches.iter().all(|n| *n <= MAX_BATCH),
+                "{:?}",
+                r.verdict_batches
+            );
+            assert!(
+                r.verdict_batches.len() <= 5,
+                "a call per batch: {:?}",
+                r.verdict_batches
+            );
+        }
         assert_eq!(writer.shutdown(Duration::from_secs(5)).await, 0);
     }
 

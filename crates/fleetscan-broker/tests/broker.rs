@@ -391,14 +391,11 @@ async fn a_verdict_of_a_superseded_identity_decides_nothing() {
     let mut old = broker.worker("old", &identity("r1")).await;
     old.credit(1).await;
     let mut agent = broker.agent("node-a").await;
-    // The new rules register but grant no credit yet: the old worker takes the next job.
-    let _new = broker.worker("new", &identity("r2")).await;
-    let flush = agent.flush().await;
-    assert_ne!(flush.verdict_generation, agent.accepted.verdict_generation);
-
     agent.request(1, b"judged by whoever is free", 10_000).await;
     let decided = tokio::spawn(async move { agent.decision().await });
+    // The old worker holds the job when the new rules register.
     let job = old.job().await;
+    let _new = broker.worker("new", &identity("r2")).await;
     old.answer(job.job.job_id, v1::VerdictResult::Clean, "")
         .await;
     let d = decided.await.unwrap();
@@ -415,6 +412,43 @@ async fn a_verdict_of_a_superseded_identity_decides_nothing() {
         "the fail mode decides: {}",
         d.reason
     );
+}
+
+#[tokio::test]
+async fn during_a_rolling_upgrade_only_workers_with_the_new_rules_get_jobs() {
+    let broker = TestBroker::start(|_| {}).await;
+    let mut old = broker.worker("old", &identity("r1")).await;
+    old.credit(4).await;
+    let mut new = broker.worker("new", &identity("r2")).await;
+    new.credit(4).await;
+    // An old worker reconnecting does not turn the pool back to the old rules.
+    let mut old_again = broker.worker("old-again", &identity("r1")).await;
+    old_again.credit(4).await;
+    let mut agent = broker.agent("node-a").await;
+    for i in 0..3u64 {
+        agent
+            .request(i + 1, format!("content {i}").as_bytes(), 10_000)
+            .await;
+        let waiting = tokio::spawn(async move {
+            let d = agent.decision().await;
+            (agent, d)
+        });
+        let job = new.job().await;
+        new.answer(job.job.job_id, v1::VerdictResult::Clean, "")
+            .await;
+        let (back, decided) = waiting.await.unwrap();
+        agent = back;
+        assert_eq!(decided.action(), v1::Action::Allow, "{}", decided.reason);
+        assert!(
+            decided.verdicts.iter().all(|v| v
+                .scanner
+                .as_ref()
+                .is_some_and(|s| s.ruleset_version == "r2")),
+            "{decided:?}"
+        );
+    }
+    assert!(old.job_within(Duration::from_millis(200)).await.is_none());
+    assert!(old_again.job_within(Duration::from_millis(200)).await.is_none());
 }
 
 /// The first agent to ask about new content declares a wrong size for it (e.g. the file grew

@@ -37,7 +37,7 @@ async fn the_sdk_worker_scans_for_agents() {
     let (stop_worker, worker_stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = tokio::spawn(fleetscan_worker::run(
         WorkerConfig {
-            broker: broker.url.clone(),
+            brokers: vec![broker.url.clone()],
             worker_name: "sdk-worker".into(),
             credits: 2,
             ..WorkerConfig::default()

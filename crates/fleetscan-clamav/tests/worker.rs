@@ -157,7 +157,7 @@ async fn until_closed(conn: &mut Conn) {
 
 fn config(url: String) -> WorkerConfig {
     WorkerConfig {
-        broker: url,
+        brokers: vec![url],
         worker_name: "clamav-worker-test".into(),
         credits: 2,
         ..WorkerConfig::default()

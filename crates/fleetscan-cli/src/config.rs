@@ -84,6 +84,9 @@ pub struct BrokerSection {
     /// Records (verdicts, denials) waiting to be written, at most; more are dropped and counted.
     pub write_queue: usize,
     pub verdict_cache_capacity: usize,
+    /// How long a replica's claim on scanning new content holds without renewal (Postgres):
+    /// the longest other replicas wait for a claimer that died before scanning it themselves.
+    pub claim_ttl_ms: u64,
 }
 
 impl Default for BrokerSection {
@@ -99,6 +102,7 @@ impl Default for BrokerSection {
             max_tries: 3,
             write_queue: 100_000,
             verdict_cache_capacity: 1_000_000,
+            claim_ttl_ms: 5_000,
         }
     }
 }
@@ -127,6 +131,7 @@ impl BrokerSection {
             max_tries: self.max_tries,
             write_queue: self.write_queue,
             verdict_cache_capacity: self.verdict_cache_capacity,
+            claim_ttl: Duration::from_millis(self.claim_ttl_ms),
         }
     }
 }
@@ -204,7 +209,11 @@ pub enum Engine {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerSection {
-    pub broker: String,
+    /// Broker URLs: the worker attaches to every one of them at once (each replica of a fleet
+    /// gets its own credits; scans at once stay within `credits` in all). Also read as
+    /// `broker = "URL"` (one), so `FLEETSCAN_WORKER_BROKER=URL` keeps working.
+    #[serde(alias = "broker", deserialize_with = "one_or_many")]
+    pub brokers: Vec<String>,
     pub engine: Engine,
     /// clamd's socket for the `clamav` engine: a unix socket path, or `tcp:HOST:PORT`.
     pub clamd: String,
@@ -226,7 +235,7 @@ pub struct WorkerSection {
 impl Default for WorkerSection {
     fn default() -> Self {
         WorkerSection {
-            broker: format!("http://{DEFAULT_BROKER_ADDR}"),
+            brokers: vec![format!("http://{DEFAULT_BROKER_ADDR}")],
             engine: Engine::Reference,
             clamd: "/var/run/clamav/clamd.ctl".into(),
             clamd_ruleset_label: None,
@@ -243,7 +252,7 @@ impl Default for WorkerSection {
 impl WorkerSection {
     pub fn to_worker_config(&self) -> fleetscan_worker::WorkerConfig {
         fleetscan_worker::WorkerConfig {
-            broker: self.broker.clone(),
+            brokers: self.brokers.clone(),
             worker_name: if self.name.is_empty() {
                 format!("{}-{}", hostname(), std::process::id())
             } else {
@@ -334,6 +343,20 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+/// A list of strings, or one string as a list of one.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(one) => vec![one],
+        OneOrMany::Many(many) => many,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,6 +377,31 @@ mod tests {
         assert_eq!(back, c);
         assert_eq!(c.broker.policy.decision_deadline_ms, 5000);
         assert_eq!(c.broker.policy.fail_mode, FailMode::Open);
+    }
+
+    #[test]
+    fn a_worker_takes_one_broker_or_a_list() {
+        let one = load(
+            None,
+            &env(&[("FLEETSCAN_WORKER_BROKER", "http://10.0.0.1:7700")]),
+        )
+        .unwrap();
+        assert_eq!(one.worker.brokers, vec!["http://10.0.0.1:7700".to_owned()]);
+        let many = load(
+            None,
+            &env(&[(
+                "FLEETSCAN_WORKER_BROKERS",
+                r#"["http://10.0.0.1:7700", "http://10.0.0.2:7700"]"#,
+            )]),
+        )
+        .unwrap();
+        assert_eq!(
+            many.worker.to_worker_config().brokers,
+            vec![
+                "http://10.0.0.1:7700".to_owned(),
+                "http://10.0.0.2:7700".to_owned()
+            ]
+        );
     }
 
     #[test]

@@ -111,8 +111,9 @@ struct AgentArgs {
 
 #[derive(Args)]
 struct WorkerArgs {
-    #[arg(long)]
-    broker: Option<String>,
+    /// Broker URL; repeat to serve several replicas at once.
+    #[arg(long = "broker")]
+    brokers: Vec<String>,
     /// `reference` (YARA + block list) or `clamav` (a running clamd).
     #[arg(long, value_enum)]
     engine: Option<config::Engine>,
@@ -321,8 +322,8 @@ fn apply_agent_args(config: &mut Config, args: &AgentArgs) {
 
 fn apply_worker_args(config: &mut Config, args: &WorkerArgs) {
     let w = &mut config.worker;
-    if let Some(b) = &args.broker {
-        w.broker = b.clone();
+    if !args.brokers.is_empty() {
+        w.brokers = args.brokers.clone();
     }
     if let Some(e) = args.engine {
         w.engine = e;
@@ -447,7 +448,7 @@ async fn run_worker(config: Config) -> anyhow::Result<()> {
                 id.engine,
                 id.engine_version,
                 id.ruleset_version,
-                w.broker
+                w.brokers.join(", ")
             );
             fleetscan_worker::run(worker_config, scanner, stopped(stop)).await?;
         }
@@ -458,7 +459,8 @@ async fn run_worker(config: Config) -> anyhow::Result<()> {
                 .with_context(|| format!("--clamd {}", w.clamd))?;
             println!(
                 "fleetscan worker {} (clamav via {addr}) attaching to {}",
-                worker_config.worker_name, w.broker
+                worker_config.worker_name,
+                w.brokers.join(", ")
             );
             let options = fleetscan_clamav::ClamdOptions {
                 ruleset_label: w.clamd_ruleset_label.clone(),
@@ -490,7 +492,7 @@ async fn run_up(mut config: Config) -> anyhow::Result<()> {
     let (listener, broker) = bind_broker(&config).await?;
     let addr = listener.local_addr()?;
     let url = format!("http://{addr}");
-    config.worker.broker = url.clone();
+    config.worker.brokers = vec![url.clone()];
     config.agent.brokers = vec![url];
     println!(
         "fleetscan broker listening on {addr} (store {})",

@@ -32,6 +32,9 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, Connection};
 
 pub use error::StoreError;
+pub use fleet::{
+    Claim, FLEET_CHANNEL, FleetState, Listener, Notice, PoolIdentity, VERDICT_CHANNEL,
+};
 use rows::{AccessRow, HostRow, VerdictRow, to_i64};
 
 /// Which database a [`Store`] talks to.
@@ -121,6 +124,9 @@ macro_rules! on_pool {
         }
     };
 }
+
+// After `on_pool!`, which it uses (macros are visible only below their definition).
+mod fleet;
 
 /// How long a call waits for a pooled connection before reporting the store unavailable.
 /// Short, because the broker answers agents under deadlines of a few seconds and would rather
@@ -328,6 +334,132 @@ impl Store {
                 .execute(pool)
                 .await?;
         });
+        Ok(())
+    }
+
+    /// Stores many verdicts in one transaction, with [`Store::put_verdict`]'s meaning: keyed by
+    /// (sha256, scanner, engine, engine_version, ruleset_version), a put of a stored key
+    /// replaces the row, and of two verdicts of one key in `verdicts` the later wins. All or
+    /// nothing: a verdict out of range fails the call before anything is written.
+    ///
+    /// Takes `&[Verdict]`, `&[Arc<Verdict>]` or `&[&Verdict]`, so a caller holding shared
+    /// verdicts need not copy them.
+    pub async fn put_verdicts<V>(&self, verdicts: &[V]) -> Result<(), StoreError>
+    where
+        V: std::borrow::Borrow<Verdict> + Sync,
+    {
+        /// Parameters of one row in SQLite's multi-row insert; 10 × 500 rows stays well under
+        /// SQLite's limit of 32766 bind parameters.
+        const SQLITE_ROWS: usize = 500;
+        const UPSERT: &str = " ON CONFLICT (sha256, scanner, engine, engine_version, \
+             ruleset_version) DO UPDATE SET result = excluded.result, \
+             threat_name = excluded.threat_name, detail = excluded.detail, \
+             scanned_at_unix_ms = excluded.scanned_at_unix_ms, \
+             scan_micros = excluded.scan_micros";
+        // Postgres refuses an upsert that touches one row twice in a statement, and SQLite's
+        // multi-row insert would apply both in order anyway: keep each key's last verdict only,
+        // in the order of first appearance.
+        let mut index: std::collections::HashMap<(&Sha256, &ScannerIdentity), usize> =
+            std::collections::HashMap::with_capacity(verdicts.len());
+        let mut rows: Vec<(&Verdict, i64)> = Vec::with_capacity(verdicts.len());
+        for v in verdicts {
+            let v = v.borrow();
+            let row = (v, to_i64("scan_micros", v.scan_micros)?);
+            match index.entry((&v.sha256, &v.scanner)) {
+                std::collections::hash_map::Entry::Occupied(at) => rows[*at.get()] = row,
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(rows.len());
+                    rows.push(row);
+                }
+            }
+        }
+        if rows.is_empty() {
+            return Ok(());
+        }
+        match &self.pool {
+            Pool::Sqlite(pool) => {
+                const ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+                let statement = |n: usize| {
+                    let mut sql = format!("INSERT INTO verdicts ({VERDICT_COLUMNS}) VALUES ");
+                    for i in 0..n {
+                        if i > 0 {
+                            sql.push_str(", ");
+                        }
+                        sql.push_str(ROW);
+                    }
+                    sql.push_str(UPSERT);
+                    sql
+                };
+                static FULL: OnceLock<String> = OnceLock::new();
+                let mut tx = pool.begin().await?;
+                for chunk in rows.chunks(SQLITE_ROWS) {
+                    let full = chunk.len() == SQLITE_ROWS;
+                    let sql = if full {
+                        Cow::Borrowed(FULL.get_or_init(|| statement(SQLITE_ROWS)).as_str())
+                    } else {
+                        Cow::Owned(statement(chunk.len()))
+                    };
+                    // Keep the prepared statement only for the size that recurs.
+                    let mut query = sqlx::query(&sql).persistent(full);
+                    for (v, scan_micros) in chunk {
+                        query = query
+                            .bind(&v.sha256.0[..])
+                            .bind(&v.scanner.scanner)
+                            .bind(&v.scanner.engine)
+                            .bind(&v.scanner.engine_version)
+                            .bind(&v.scanner.ruleset_version)
+                            .bind(v.kind.as_str())
+                            .bind(&v.threat_name)
+                            .bind(&v.detail)
+                            .bind(v.scanned_at_unix_ms)
+                            .bind(*scan_micros);
+                    }
+                    query.execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+            }
+            Pool::Postgres(pool) => {
+                // One statement whatever the batch size (a transaction of its own): the columns
+                // travel as arrays, one prepared statement serves every batch.
+                let sql = format!(
+                    "INSERT INTO verdicts ({VERDICT_COLUMNS}) SELECT * FROM UNNEST($1::bytea[], \
+                     $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], \
+                     $8::text[], $9::bigint[], $10::bigint[]){UPSERT}"
+                );
+                let column = |f: fn(&Verdict) -> &str| -> Vec<&str> {
+                    rows.iter().map(|&(v, _)| f(v)).collect()
+                };
+                sqlx::query(&sql)
+                    .bind(
+                        rows.iter()
+                            .map(|(v, _)| &v.sha256.0[..])
+                            .collect::<Vec<&[u8]>>(),
+                    )
+                    .bind(column(|v| &v.scanner.scanner))
+                    .bind(column(|v| &v.scanner.engine))
+                    .bind(column(|v| &v.scanner.engine_version))
+                    .bind(column(|v| &v.scanner.ruleset_version))
+                    .bind(column(|v| v.kind.as_str()))
+                    .bind(
+                        rows.iter()
+                            .map(|(v, _)| v.threat_name.as_deref())
+                            .collect::<Vec<Option<&str>>>(),
+                    )
+                    .bind(
+                        rows.iter()
+                            .map(|(v, _)| v.detail.as_deref())
+                            .collect::<Vec<Option<&str>>>(),
+                    )
+                    .bind(
+                        rows.iter()
+                            .map(|(v, _)| v.scanned_at_unix_ms)
+                            .collect::<Vec<i64>>(),
+                    )
+                    .bind(rows.iter().map(|(_, m)| *m).collect::<Vec<i64>>())
+                    .execute(pool)
+                    .await?;
+            }
+        }
         Ok(())
     }
 

@@ -13,17 +13,31 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 /// One embedded migration: version, description (as in the file name) and SQL.
 type Embedded = (i64, &'static str, &'static str);
 
-pub(crate) const SQLITE: &[Embedded] = &[(
-    1,
-    "initial",
-    include_str!("../../../migrations/sqlite/0001_initial.sql"),
-)];
+pub(crate) const SQLITE: &[Embedded] = &[
+    (
+        1,
+        "initial",
+        include_str!("../../../migrations/sqlite/0001_initial.sql"),
+    ),
+    (
+        2,
+        "fleet",
+        include_str!("../../../migrations/sqlite/0002_fleet.sql"),
+    ),
+];
 
-pub(crate) const POSTGRES: &[Embedded] = &[(
-    1,
-    "initial",
-    include_str!("../../../migrations/postgres/0001_initial.sql"),
-)];
+pub(crate) const POSTGRES: &[Embedded] = &[
+    (
+        1,
+        "initial",
+        include_str!("../../../migrations/postgres/0001_initial.sql"),
+    ),
+    (
+        2,
+        "fleet",
+        include_str!("../../../migrations/postgres/0002_fleet.sql"),
+    ),
+];
 
 /// A migrator over one backend's embedded migrations.
 pub(crate) fn migrator(embedded: &'static [Embedded]) -> Migrator {

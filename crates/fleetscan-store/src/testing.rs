@@ -53,6 +53,11 @@ pub struct PgCluster {
 enum Kind {
     Local {
         port: u16,
+        /// The cluster directory, the server binaries and the server's options, to stop and
+        /// start it again on the same port.
+        dir: PathBuf,
+        bin: PathBuf,
+        server_options: String,
         guard: Child,
         /// Held open for the guard; closing it stops the cluster.
         guard_stdin: Option<ChildStdin>,
@@ -131,7 +136,7 @@ impl PgCluster {
                 .arg("-l")
                 .arg(dir.join("server.log"))
                 .arg("-o")
-                .arg(server_options)
+                .arg(&server_options)
                 .args(["-w", "-t", "60", "start"])
                 .output();
             match started {
@@ -143,6 +148,9 @@ impl PgCluster {
                         next: AtomicU64::new(0),
                         kind: Kind::Local {
                             port,
+                            dir: dir.clone(),
+                            bin: bin.clone(),
+                            server_options,
                             guard,
                             guard_stdin,
                         },
@@ -220,6 +228,46 @@ impl PgCluster {
     /// The first database created by start().
     pub fn url(&self) -> String {
         self.first_url.clone()
+    }
+
+    /// Stops the server (`pg_ctl stop -m fast`: connections are closed), keeping its data, to
+    /// test what happens while the database is down. Private clusters only.
+    pub fn stop(&self) {
+        self.pg_ctl(&["-m", "fast", "-w", "-t", "60", "stop"]);
+    }
+
+    /// Starts a server stopped by [`PgCluster::stop`] again, on the same port and data.
+    pub fn start_again(&self) {
+        self.pg_ctl(&["-w", "-t", "60", "start"]);
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let Kind::Local {
+            dir,
+            bin,
+            server_options,
+            ..
+        } = &self.kind
+        else {
+            panic!("PgCluster: only a private cluster (start_local) can be stopped and started");
+        };
+        let out = as_postgres(dir, &bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(dir.join("data"))
+            .arg("-l")
+            .arg(dir.join("server.log"))
+            .arg("-o")
+            .arg(server_options)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("PgCluster: cannot run pg_ctl: {e}"));
+        assert!(
+            out.status.success(),
+            "pg_ctl {args:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 

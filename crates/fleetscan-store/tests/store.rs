@@ -5,61 +5,17 @@
 //! Postgres is required: without root and the Postgres binaries (or DATABASE_URL) the Postgres
 //! half fails with a message saying so; it is never skipped.
 
-use std::sync::OnceLock;
-
 use fleetscan_core::{
     AccessKind, AccessRecord, Action, DecidedBy, ScannerIdentity, Sha256, Verdict, VerdictKind,
 };
 use fleetscan_store::testing::PgCluster;
-use fleetscan_store::{AccessFilter, Backend, HostRecord, Store, StoreError, StoredCounts};
+use fleetscan_store::{AccessFilter, HostRecord, Store, StoreError, StoredCounts};
 use sqlx::Connection as _;
 
-/// A fresh store, and what keeps it alive.
-struct Fixture {
-    store: Store,
-    url: String,
-    _dir: Option<tempfile::TempDir>,
-}
+#[macro_use]
+mod common;
 
-fn cluster() -> &'static PgCluster {
-    static CLUSTER: OnceLock<PgCluster> = OnceLock::new();
-    CLUSTER.get_or_init(PgCluster::start)
-}
-
-async fn sqlite_fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("store.db").display());
-    let store = Store::connect(&url).await.unwrap();
-    assert_eq!(store.backend(), Backend::Sqlite);
-    Fixture {
-        store,
-        url,
-        _dir: Some(dir),
-    }
-}
-
-async fn postgres_fixture() -> Fixture {
-    let url = cluster().new_database();
-    let store = Store::connect(&url).await.unwrap();
-    assert_eq!(store.backend(), Backend::Postgres);
-    Fixture {
-        store,
-        url,
-        _dir: None,
-    }
-}
-
-/// Runs each named `async fn(Fixture)` once per backend, as `sqlite::NAME` and `postgres::NAME`.
-macro_rules! both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test] async fn $name() { super::$name(super::sqlite_fixture().await).await })*
-        }
-        mod postgres {
-            $(#[tokio::test] async fn $name() { super::$name(super::postgres_fixture().await).await })*
-        }
-    };
-}
+use common::{Fixture, postgres_fixture, sqlite_fixture};
 
 both_backends!(
     verdict_is_found_only_by_its_exact_identity,

@@ -53,12 +53,12 @@ impl Assembly {
                 true,
             ));
         }
-        let capacity = usize::try_from(size.min(MAX_INITIAL_CAPACITY)).unwrap_or(0);
         Ok(Assembly {
             sha256,
             deadline,
             size,
-            data: Vec::with_capacity(capacity),
+            // Allocated by the first chunk, which most often is the whole content.
+            data: Vec::new(),
         })
     }
 
@@ -71,8 +71,9 @@ impl Assembly {
         self.data
     }
 
-    /// Adds one chunk. Chunks must come in order, without gaps or overlaps.
-    pub(crate) fn push(&mut self, offset: u64, data: &[u8], last: bool) -> Push {
+    /// Adds one chunk. Chunks must come in order, without gaps or overlaps. The first chunk's
+    /// buffer becomes the content's, so content sent in one chunk is never copied.
+    pub(crate) fn push(&mut self, offset: u64, data: Vec<u8>, last: bool) -> Push {
         let received = self.data.len() as u64;
         if offset != received {
             return Push::Refused(ScanOutcome::error(
@@ -87,7 +88,18 @@ impl Assembly {
                 false,
             ));
         }
-        self.data.extend_from_slice(data);
+        if self.data.is_empty() {
+            self.data = data;
+            if !last {
+                // The declared size is only a claim until the bytes arrive: reserve at most
+                // MAX_INITIAL_CAPACITY up front, and let the rest grow as it comes.
+                let expected = self.size.min(MAX_INITIAL_CAPACITY.max(total));
+                let more = usize::try_from(expected - total).unwrap_or(0);
+                self.data.reserve_exact(more);
+            }
+        } else {
+            self.data.extend_from_slice(&data);
+        }
         if !last {
             return Push::More;
         }
@@ -124,9 +136,9 @@ mod tests {
     #[test]
     fn chunks_in_order_make_the_content() {
         let mut a = start(10, 0).unwrap();
-        assert!(matches!(a.push(0, b"0123", false), Push::More));
-        assert!(matches!(a.push(4, b"456", false), Push::More));
-        match a.push(7, b"789", true) {
+        assert!(matches!(a.push(0, b"0123".to_vec(), false), Push::More));
+        assert!(matches!(a.push(4, b"456".to_vec(), false), Push::More));
+        match a.push(7, b"789".to_vec(), true) {
             Push::Complete(content) => assert_eq!(content, b"0123456789"),
             other => panic!("{other:?}"),
         }
@@ -150,8 +162,8 @@ mod tests {
     #[test]
     fn more_bytes_than_declared_are_refused() {
         let mut a = start(5, 0).unwrap();
-        assert!(matches!(a.push(0, b"abc", false), Push::More));
-        let outcome = refused(a.push(3, b"def", false));
+        assert!(matches!(a.push(0, b"abc".to_vec(), false), Push::More));
+        let outcome = refused(a.push(3, b"def".to_vec(), false));
         assert!(!outcome.retryable);
         assert!(outcome.detail.unwrap().contains("declared size"));
     }
@@ -159,13 +171,27 @@ mod tests {
     #[test]
     fn short_content_gaps_and_overlaps_are_refused() {
         let mut short = start(5, 0).unwrap();
-        assert!(!refused(short.push(0, b"abc", true)).retryable);
+        assert!(!refused(short.push(0, b"abc".to_vec(), true)).retryable);
         let mut gap = start(5, 0).unwrap();
-        assert!(matches!(gap.push(0, b"ab", false), Push::More));
-        refused(gap.push(3, b"de", true));
+        assert!(matches!(gap.push(0, b"ab".to_vec(), false), Push::More));
+        refused(gap.push(3, b"de".to_vec(), true));
         let mut overlap = start(5, 0).unwrap();
-        assert!(matches!(overlap.push(0, b"ab", false), Push::More));
-        refused(overlap.push(1, b"bcde", true));
+        assert!(matches!(overlap.push(0, b"ab".to_vec(), false), Push::More));
+        refused(overlap.push(1, b"bcde".to_vec(), true));
+    }
+
+    #[test]
+    fn content_in_one_chunk_keeps_its_buffer() {
+        let mut a = start(5, 0).unwrap();
+        let chunk = b"whole".to_vec();
+        let at = chunk.as_ptr();
+        match a.push(0, chunk, true) {
+            Push::Complete(content) => {
+                assert_eq!(content, b"whole");
+                assert_eq!(content.as_ptr(), at, "not copied");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -4,28 +4,31 @@
 /// How a worker attaches and how much work it takes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkerConfig {
-    /// The broker's gRPC address, e.g. "http://127.0.0.1:7700".
-    pub broker: String,
+    /// The gRPC addresses of the brokers served, e.g. `["http://127.0.0.1:7700"]`. The worker
+    /// attaches to every one at once (one stream each, reconnecting on its own); the replicas
+    /// of a fleet share its scan slots (`credits`). At least one; no address twice.
+    pub brokers: Vec<String>,
     /// Instance name shown to operators, e.g. host name and pid.
     pub worker_name: String,
     /// The pool served, within its tenants; empty means "default".
     pub pool: String,
     /// Tenants whose jobs this worker takes; empty means the broker's default tenant.
     pub tenants: Vec<String>,
-    /// Jobs held at once (assembling or scanning), which is also the number of concurrent
-    /// scans. At least 1.
+    /// Scans run at once, in total over all brokers; also the credits granted to each broker,
+    /// so a worker of N brokers may hold up to N × `credits` jobs (receiving or waiting for a
+    /// scan slot) while never scanning more than `credits` at once. At least 1.
     pub credits: u32,
     /// The largest content accepted, in bytes; 0 means no limit.
     pub max_file_size: u64,
 }
 
 impl Default for WorkerConfig {
-    /// Defaults: broker "http://127.0.0.1:7700", worker name "HOSTNAME-PID", pool "" (the
+    /// Defaults: brokers ["http://127.0.0.1:7700"], worker name "HOSTNAME-PID", pool "" (the
     /// default pool), no tenants (the broker's default tenant), credits = available
     /// parallelism (at least 1), max_file_size 256 MiB.
     fn default() -> Self {
         WorkerConfig {
-            broker: "http://127.0.0.1:7700".to_owned(),
+            brokers: vec!["http://127.0.0.1:7700".to_owned()],
             worker_name: default_worker_name(),
             pool: String::new(),
             tenants: Vec::new(),

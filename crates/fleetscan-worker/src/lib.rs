@@ -1,9 +1,11 @@
 //! The fleetscan worker SDK: what a scanner vendor links to serve a broker's scan jobs.
 //!
 //! A vendor implements [`Scanner`] (an identity and a blocking `scan` of one content) and calls
-//! [`run`], which attaches to a broker over `WorkerService.Attach`, registers, grants credits,
-//! reassembles and verifies each job's content, scans it on a blocking thread and answers.
-//! It reconnects with backoff when the broker goes, and drains in-flight scans on shutdown.
+//! [`run`], which attaches to every broker of [`WorkerConfig::brokers`] over
+//! `WorkerService.Attach` (one stream each), registers, grants credits, reassembles and
+//! verifies each job's content, scans it on a blocking thread and answers. Scans of all
+//! brokers share `credits` slots. Each stream reconnects with backoff on its own when its
+//! broker goes, and every one drains its in-flight scans on shutdown.
 //!
 //! Also here: [`Sha256List`], a scanner that blocks the contents listed by digest, and
 //! [`Composite`], several scanners presented to the broker as one.
@@ -18,6 +20,7 @@ mod backoff;
 mod composite;
 mod config;
 mod error;
+mod pool;
 mod scanner;
 mod session;
 mod sha256_list;

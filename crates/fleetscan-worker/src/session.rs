@@ -1,5 +1,6 @@
 //! The worker's side of `WorkerService.Attach`: connect, register, grant credits, take jobs,
-//! answer them, reconnect when the broker goes, drain on shutdown.
+//! answer them, reconnect when the broker goes, drain on shutdown. One session per broker,
+//! each in its own task; they share the scan pool (`pool.rs`) and nothing else.
 //!
 //! This is the only module that speaks protocol types. It must never block the async threads
 //! on a scan or a digest (both run on blocking threads), never hold more jobs than it granted
@@ -10,6 +11,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fleetscan_core::{ScannerIdentity, Sha256, now_unix_ms};
@@ -18,17 +20,18 @@ use fleetscan_proto::v1::worker_message::Msg as Message;
 use fleetscan_proto::v1::worker_service_client::WorkerServiceClient;
 use fleetscan_proto::v1::{self, WorkerCommand, WorkerMessage};
 use fleetscan_proto::{MAX_MESSAGE_SIZE, convert};
-use tokio::sync::{Semaphore, mpsc};
-use tokio::task::{Id as TaskId, JoinSet};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior, interval, sleep, timeout_at};
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status, Streaming};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::assembly::{Assembly, Push};
 use crate::backoff::Backoff;
+use crate::pool::{Done, ScanJob, ScanPool};
 use crate::{ScanOutcome, Scanner, WorkerConfig, WorkerError};
 
 /// The timing of the worker's side of the protocol. Operators need not tune it; tests shrink
@@ -93,16 +96,32 @@ pub(crate) async fn run_with_timing(
     if config.credits == 0 {
         return Err(WorkerError::Config("credits must be at least 1".to_owned()));
     }
-    let endpoint = Endpoint::from_shared(config.broker.clone())
-        .map_err(|e| WorkerError::Config(format!("broker address {:?}: {e}", config.broker)))?
-        .connect_timeout(timing.connect)
-        .tcp_nodelay(true);
+    if config.brokers.is_empty() {
+        return Err(WorkerError::Config("no broker address".to_owned()));
+    }
+    let mut endpoints = Vec::with_capacity(config.brokers.len());
+    for (i, broker) in config.brokers.iter().enumerate() {
+        if config.brokers[..i].contains(broker) {
+            // Two streams to one broker would break the protocol's one stream per broker.
+            return Err(WorkerError::Config(format!(
+                "broker address {broker:?} given twice"
+            )));
+        }
+        let endpoint = Endpoint::from_shared(broker.clone())
+            .map_err(|e| WorkerError::Config(format!("broker address {broker:?}: {e}")))?
+            .connect_timeout(timing.connect)
+            .tcp_nodelay(true)
+            // Room for a few chunks in flight on the one stream that carries every job.
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(STREAM_WINDOW);
+        endpoints.push((broker.clone(), endpoint));
+    }
     let identity = scanner.identity();
-    let shared = Shared {
-        // One semaphore for the life of `run`: scans abandoned by a lost session keep their
-        // permits until they finish, so a reconnect never exceeds `credits` scans at once.
-        scan_permits: Arc::new(Semaphore::new(config.credits as usize)),
-        scanner,
+    let shared = Arc::new(Shared {
+        // One pool for the life of `run`, shared by every broker's session: scans abandoned by
+        // a lost session keep their slots until they finish, so neither a reconnect nor a
+        // second broker ever makes more than `credits` scans run at once.
+        pool: ScanPool::new(scanner, config.credits as usize),
         register: v1::Register {
             worker_name: config.worker_name.clone(),
             scanner: Some(v1::ScannerIdentity::from(&identity)),
@@ -114,23 +133,89 @@ pub(crate) async fn run_with_timing(
         config,
         identity,
         timing,
-    };
+    });
+    let (stop, stopping) = watch::channel(false);
+    let mut brokers = JoinSet::new();
+    for (broker, endpoint) in endpoints {
+        brokers.spawn(serve_broker(
+            Arc::clone(&shared),
+            broker,
+            endpoint,
+            stopping.clone(),
+        ));
+    }
     let mut shutdown = pin!(shutdown);
+    let mut failure = None;
+    let mut asked = false;
+    loop {
+        let ended = tokio::select! {
+            () = shutdown.as_mut(), if !asked => {
+                asked = true;
+                stop.send_replace(true);
+                continue;
+            }
+            ended = brokers.join_next() => ended,
+        };
+        match ended {
+            // Every broker's session is over: after a shutdown, or a refusal.
+            None => break,
+            Some(Ok(Ok(()))) => {}
+            Some(Ok(Err(err))) => {
+                // A refusal is a configuration error: stop serving the other brokers too, so
+                // that the operator sees it rather than a worker half attached.
+                if failure.is_none() {
+                    stop.send_replace(true);
+                    failure = Some(err);
+                }
+            }
+            Some(Err(join)) => {
+                if join.is_panic() {
+                    std::panic::resume_unwind(join.into_panic());
+                }
+            }
+        }
+    }
+    match failure {
+        Some(err) => Err(err),
+        None => {
+            info!(worker = %shared.config.worker_name, "worker stopped");
+            Ok(())
+        }
+    }
+}
+
+/// HTTP/2 receive window of the worker's streams: the broker sends a job's chunks back to
+/// back, and the default window (64 KiB) would make it wait for a window update every 64 KiB.
+const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+
+/// Serves one broker until shutdown (Ok) or until it refuses the worker (Err): attach, serve,
+/// and when the stream is lost, back off and attach again, independently of other brokers.
+async fn serve_broker(
+    shared: Arc<Shared>,
+    broker: String,
+    endpoint: Endpoint,
+    stopping: watch::Receiver<bool>,
+) -> Result<(), WorkerError> {
+    let mut shutdown = pin!(async move {
+        let mut stopping = stopping;
+        // An error means `run` is gone: stop as well.
+        let _ = stopping.wait_for(|stop| *stop).await;
+    });
     let mut backoff = Backoff::new(shared.timing.backoff_initial, shared.timing.backoff_max);
     loop {
-        match Session::run(&shared, &endpoint, shutdown.as_mut()).await {
-            End::Shutdown => {
-                info!(worker = %shared.config.worker_name, "worker stopped");
-                return Ok(());
+        match Session::run(&shared, &broker, &endpoint, shutdown.as_mut()).await {
+            End::Shutdown => return Ok(()),
+            End::Fatal(err) => {
+                error!(broker = %broker, error = %err, "broker refused the worker");
+                return Err(err);
             }
-            End::Fatal(err) => return Err(err),
             End::Lost { registered, reason } => {
                 if registered {
                     backoff.reset();
                 }
                 let delay = backoff.next_delay();
                 warn!(
-                    broker = %shared.config.broker,
+                    broker = %broker,
                     reason = %reason,
                     retry_in_ms = delay.as_millis() as u64,
                     "broker connection lost"
@@ -144,13 +229,12 @@ pub(crate) async fn run_with_timing(
     }
 }
 
-/// What every session of one `run` shares.
+/// What every session of one `run` shares, over all brokers.
 struct Shared {
     config: WorkerConfig,
-    scanner: Arc<dyn Scanner>,
     identity: ScannerIdentity,
     register: v1::Register,
-    scan_permits: Arc<Semaphore>,
+    pool: Arc<ScanPool>,
     timing: Timing,
 }
 
@@ -171,28 +255,27 @@ fn lost(registered: bool, reason: impl Into<String>) -> End {
     }
 }
 
-/// A finished scan, as the scan task returns it.
-struct Done {
-    job_id: u64,
-    outcome: ScanOutcome,
-    scan_micros: u64,
-}
-
 /// One attached stream and the jobs taken on it.
 struct Session<'a> {
     shared: &'a Shared,
+    broker: &'a str,
     /// Kept for the life of the session, so the connection under the stream is never torn
     /// down while results are still being sent.
     _client: WorkerServiceClient<Channel>,
     tx: mpsc::Sender<WorkerMessage>,
     assembling: HashMap<u64, Assembly>,
-    /// Job id → cancelled. A cancelled scan still runs to its end (a blocking scan cannot be
-    /// interrupted) and still holds its credit until then, but its result is not sent.
-    scanning: HashMap<u64, bool>,
-    tasks: JoinSet<Done>,
-    task_jobs: HashMap<TaskId, u64>,
+    /// Job id → cancelled, for jobs handed to the scan pool. A cancelled scan still runs to
+    /// its end (a blocking scan cannot be interrupted) and still holds its credit until then,
+    /// but its result is not sent; one cancelled before its turn is not scanned at all.
+    scanning: HashMap<u64, Arc<AtomicBool>>,
+    /// Finished scans, from the pool.
+    done_tx: mpsc::UnboundedSender<Done>,
+    done_rx: mpsc::UnboundedReceiver<Done>,
     /// Credits granted on this stream and not yet used by a job.
     outstanding: u32,
+    /// Slots freed since the last grant: granted together once the event that freed them is
+    /// handled, one `Credit` for many.
+    freed: u32,
     /// Set once shutdown was asked: when the drain gives up.
     drain_deadline: Option<Instant>,
     last_heard: Instant,
@@ -201,6 +284,7 @@ struct Session<'a> {
 impl<'a> Session<'a> {
     async fn run<S: Future<Output = ()>>(
         shared: &'a Shared,
+        broker: &'a str,
         endpoint: &Endpoint,
         mut shutdown: Pin<&mut S>,
     ) -> End {
@@ -213,7 +297,7 @@ impl<'a> Session<'a> {
             Err(end) => return end,
         };
         info!(
-            broker = %shared.config.broker,
+            broker = %broker,
             broker_id = %registered.broker_id,
             scanner = %shared.identity.scanner,
             engine = %shared.identity.engine,
@@ -221,15 +305,18 @@ impl<'a> Session<'a> {
             credits = shared.config.credits,
             "worker registered"
         );
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
         let mut session = Session {
             shared,
+            broker,
             _client: client,
             tx,
             assembling: HashMap::new(),
             scanning: HashMap::new(),
-            tasks: JoinSet::new(),
-            task_jobs: HashMap::new(),
+            done_tx,
+            done_rx,
             outstanding: 0,
+            freed: 0,
             drain_deadline: None,
             last_heard: Instant::now(),
         };
@@ -266,15 +353,13 @@ impl<'a> Session<'a> {
                     }
                     None => Err(lost(true, "broker closed the stream")),
                 },
-                Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
-                    self.on_joined(joined)
-                }
+                Some(done) = self.done_rx.recv() => self.on_done(done),
                 _ = heartbeat.tick() => self.send(Message::Heartbeat(v1::Heartbeat {
                     sent_at_unix_ms: now_unix_ms(),
                 })),
                 _ = housekeeping.tick() => self.housekeeping(),
             };
-            if let Err(end) = step {
+            if let Err(end) = step.and_then(|()| self.grant_freed()) {
                 return end;
             }
             if self.drain_is_over() {
@@ -315,7 +400,7 @@ impl<'a> Session<'a> {
         if self.outstanding == 0 {
             // The broker broke flow control. Refuse without holding the job, so the bound on
             // held content stays what the worker granted.
-            warn!(job_id, "broker sent a job beyond the credits granted");
+            warn!(broker = %self.broker, job_id, "broker sent a job beyond the credits granted");
             return self.send_result(
                 job_id,
                 &ScanOutcome::error("job beyond the credits granted", true),
@@ -368,7 +453,7 @@ impl<'a> Session<'a> {
             );
             return Ok(());
         };
-        match assembly.push(chunk.offset, &chunk.data, chunk.last) {
+        match assembly.push(chunk.offset, chunk.data, chunk.last) {
             Push::More => Ok(()),
             Push::Complete(content) => {
                 let sha256 = assembly.sha256;
@@ -379,6 +464,7 @@ impl<'a> Session<'a> {
             Push::Refused(refusal) => {
                 self.assembling.remove(&chunk.job_id);
                 warn!(
+                    broker = %self.broker,
                     job_id = chunk.job_id,
                     detail = refusal.detail.as_deref().unwrap_or(""),
                     "job content refused"
@@ -395,81 +481,53 @@ impl<'a> Session<'a> {
             debug!(job_id, reason = %cancel.reason, "job cancelled while receiving");
             return self.release_slot();
         }
-        if let Some(cancelled) = self.scanning.get_mut(&job_id) {
+        if let Some(cancelled) = self.scanning.get(&job_id) {
             debug!(job_id, reason = %cancel.reason, "job cancelled while scanning");
-            *cancelled = true;
+            cancelled.store(true, Ordering::Release);
         }
         Ok(())
     }
 
-    /// Verifies and scans on a blocking thread, at most `credits` at once across sessions.
+    /// Hands the content to the scan pool, which verifies and scans it on a blocking thread,
+    /// at most `credits` at once over every session of every broker.
     fn start_scan(&mut self, job_id: u64, expected: Sha256, content: Vec<u8>) {
-        let scanner = Arc::clone(&self.shared.scanner);
-        let permits = Arc::clone(&self.shared.scan_permits);
-        self.scanning.insert(job_id, false);
-        let handle = self.tasks.spawn(async move {
-            // The semaphore is never closed, so this waits only for a permit.
-            let permit = permits.acquire_owned().await;
-            let scanned = tokio::task::spawn_blocking(move || {
-                let _permit = permit;
-                if Sha256::of(&content) != expected {
-                    return (ScanOutcome::error("sha256 mismatch", false), 0);
-                }
-                let started = std::time::Instant::now();
-                let outcome = scanner.scan(&content);
-                let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-                (outcome, micros)
-            })
-            .await;
-            let (outcome, scan_micros) = scanned.unwrap_or_else(|err| {
-                // A panic on hostile input will likely repeat on the next try.
-                warn!(job_id, error = %err, "scanner panicked");
-                (ScanOutcome::error("scanner panicked", false), 0)
-            });
-            Done {
-                job_id,
-                outcome,
-                scan_micros,
-            }
+        let cancelled = Arc::new(AtomicBool::new(false));
+        self.scanning.insert(job_id, Arc::clone(&cancelled));
+        self.shared.pool.submit(ScanJob {
+            job_id,
+            expected,
+            content,
+            cancelled,
+            done: self.done_tx.clone(),
         });
-        self.task_jobs.insert(handle.id(), job_id);
     }
 
-    fn on_joined(
-        &mut self,
-        joined: Result<(TaskId, Done), tokio::task::JoinError>,
-    ) -> Result<(), End> {
-        let (job_id, done) = match joined {
-            Ok((task, done)) => {
-                self.task_jobs.remove(&task);
-                (done.job_id, Some(done))
-            }
-            Err(err) => {
-                // The task wrapping the blocking scan failed itself; answer so the broker can
-                // retry, and keep the credit accounting whole.
-                let Some(job_id) = self.task_jobs.remove(&err.id()) else {
-                    return Ok(());
-                };
-                warn!(job_id, error = %err, "scan task failed");
-                (job_id, None)
-            }
+    /// A scan is over: answer unless cancelled, and free the slot. Takes every other finished
+    /// scan already waiting too, so that their slots go back in one grant.
+    fn on_done(&mut self, done: Done) -> Result<(), End> {
+        self.finish(done)?;
+        while let Ok(done) = self.done_rx.try_recv() {
+            self.finish(done)?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, done: Done) -> Result<(), End> {
+        let Done { job_id, scanned } = done;
+        let Some(cancelled) = self.scanning.remove(&job_id) else {
+            return Ok(());
         };
-        let cancelled = self.scanning.remove(&job_id).unwrap_or(true);
-        if !cancelled {
-            match done {
-                Some(done) => {
-                    debug!(
-                        job_id,
-                        verdict = done.outcome.kind.as_str(),
-                        scan_micros = done.scan_micros,
-                        "job scanned"
-                    );
-                    self.send_result(job_id, &done.outcome, done.scan_micros)?;
-                }
-                None => {
-                    self.send_result(job_id, &ScanOutcome::error("scan task failed", true), 0)?
-                }
+        match scanned {
+            Some((outcome, scan_micros)) if !cancelled.load(Ordering::Acquire) => {
+                debug!(
+                    job_id,
+                    verdict = outcome.kind.as_str(),
+                    scan_micros,
+                    "job scanned"
+                );
+                self.send_result(job_id, &outcome, scan_micros)?;
             }
+            _ => debug!(job_id, "cancelled job's slot freed"),
         }
         self.release_slot()
     }
@@ -491,7 +549,7 @@ impl<'a> Session<'a> {
             .collect();
         for job_id in expired {
             self.assembling.remove(&job_id);
-            warn!(job_id, "job content incomplete at its deadline; dropped");
+            warn!(broker = %self.broker, job_id, "job content incomplete at its deadline; dropped");
             self.send_result(
                 job_id,
                 &ScanOutcome::error("content incomplete at the job deadline", true),
@@ -506,6 +564,7 @@ impl<'a> Session<'a> {
     /// to another worker at once); scans already running go on and are answered.
     fn start_drain(&mut self) -> Result<(), End> {
         info!(
+            broker = %self.broker,
             scanning = self.scanning.len(),
             receiving = self.assembling.len(),
             "shutdown asked; draining"
@@ -527,9 +586,13 @@ impl<'a> Session<'a> {
         let Some(deadline) = self.drain_deadline else {
             return false;
         };
-        let answering = self.scanning.values().any(|cancelled| !cancelled);
+        let answering = self
+            .scanning
+            .values()
+            .any(|cancelled| !cancelled.load(Ordering::Acquire));
         if answering && Instant::now() >= deadline {
             warn!(
+                broker = %self.broker,
                 abandoned = self.scanning.len(),
                 "drain timeout; abandoning scans in flight"
             );
@@ -561,8 +624,16 @@ impl<'a> Session<'a> {
     }
 
     /// A held job is gone (answered, refused, cancelled or dropped): its slot is free again.
+    /// The credit is granted once the current event is handled (see `grant_freed`).
     fn release_slot(&mut self) -> Result<(), End> {
-        self.grant(1)
+        self.freed = self.freed.saturating_add(1);
+        Ok(())
+    }
+
+    /// Grants the slots freed since the last grant, in one `Credit`.
+    fn grant_freed(&mut self) -> Result<(), End> {
+        let freed = std::mem::take(&mut self.freed);
+        self.grant(freed)
     }
 
     fn send_result(&mut self, job_id: u64, outcome: &ScanOutcome, micros: u64) -> Result<(), End> {
@@ -774,7 +845,7 @@ mod tests {
         let (release, held) = std::sync::mpsc::channel();
         let (stop, stopped) = oneshot::channel::<()>();
         let config = WorkerConfig {
-            broker: url,
+            brokers: vec![url],
             credits: 1,
             ..WorkerConfig::default()
         };

@@ -349,7 +349,7 @@ impl Worker {
 
 fn config(server: &TestServer, credits: u32) -> WorkerConfig {
     WorkerConfig {
-        broker: server.url(),
+        brokers: vec![server.url()],
         worker_name: "test-worker".to_owned(),
         pool: String::new(),
         tenants: Vec::new(),
@@ -371,7 +371,7 @@ async fn registers_with_its_identity_and_settings_then_grants_its_credits() {
     let scanner = TestScanner::new(false);
     let worker = Worker::start(
         WorkerConfig {
-            broker: server.url(),
+            brokers: vec![server.url()],
             worker_name: "w-1".to_owned(),
             pool: "pool-a".to_owned(),
             tenants: vec!["acme".to_owned(), "globex".to_owned()],
@@ -440,14 +440,17 @@ async fn never_holds_more_jobs_than_credits_and_grants_only_after_results() {
     assert_eq!(verdict(&results[1]), VerdictResult::Clean);
     assert!(results[1].threat_name.is_empty());
 
-    // The re-granted credits are usable.
+    // The re-granted credits are usable. Slots freed together may come back in one grant.
     conn.send_job(3, b"three", 1024).await;
     conn.send_job(4, b"four", 1024).await;
-    let mut ids = vec![];
-    for _ in 0..4 {
+    let (mut ids, mut granted) = (vec![], 0u32);
+    while ids.len() < 2 || granted < 2 {
         match conn.expect().await {
             Message::Result(r) => ids.push(r.job_id),
-            Message::Credit(c) => assert_eq!(c.credits, 1),
+            Message::Credit(c) => {
+                granted += c.credits;
+                assert!(granted as usize <= ids.len(), "credit before its result");
+            }
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -711,7 +714,7 @@ async fn shutdown_without_a_broker_returns_at_once() {
     drop(listener);
     let mut worker = Worker::start(
         WorkerConfig {
-            broker: format!("http://{addr}"),
+            brokers: vec![format!("http://{addr}")],
             credits: 1,
             ..WorkerConfig::default()
         },
@@ -753,11 +756,148 @@ async fn invalid_config_is_an_error() {
         Err(WorkerError::Config(_))
     ));
     let bad = WorkerConfig {
-        broker: "not a url at all".to_owned(),
+        brokers: vec!["not a url at all".to_owned()],
         ..WorkerConfig::default()
     };
     assert!(matches!(
-        run(bad, scanner, std::future::pending()).await,
+        run(bad, scanner.clone(), std::future::pending()).await,
         Err(WorkerError::Config(_))
     ));
+    let none = WorkerConfig {
+        brokers: Vec::new(),
+        ..WorkerConfig::default()
+    };
+    assert!(matches!(
+        run(none, scanner.clone(), std::future::pending()).await,
+        Err(WorkerError::Config(_))
+    ));
+    // Two streams to one broker would break the protocol.
+    let twice = WorkerConfig {
+        brokers: vec!["http://127.0.0.1:7700".to_owned(); 2],
+        ..WorkerConfig::default()
+    };
+    assert!(matches!(
+        run(twice, scanner, std::future::pending()).await,
+        Err(WorkerError::Config(_))
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Several brokers (a fleet of broker replicas).
+
+/// Expects `n` results and at least `n` credits back on one stream, in any order; returns the
+/// results' job ids, sorted, and their verdicts.
+async fn expect_results_and_credits(conn: &mut Conn, n: usize) -> Vec<(u64, VerdictResult)> {
+    let (mut results, mut granted) = (Vec::new(), 0usize);
+    while results.len() < n || granted < n {
+        match conn.expect().await {
+            Message::Result(r) => results.push((r.job_id, verdict(&r))),
+            Message::Credit(c) => granted += c.credits as usize,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    results.sort_by_key(|(id, _)| *id);
+    results
+}
+
+#[tokio::test]
+async fn serves_every_broker_at_once_sharing_its_scan_slots() {
+    let mut a = TestServer::start().await;
+    let mut b = TestServer::start().await;
+    let scanner = TestScanner::new(true);
+    let mut worker = Worker::start(
+        WorkerConfig {
+            brokers: vec![a.url(), b.url()],
+            worker_name: "fleet-worker".to_owned(),
+            credits: 2,
+            ..WorkerConfig::default()
+        },
+        scanner.clone(),
+    );
+    // One stream per broker, each registered with the same identity and granted the credits.
+    let mut conn_a = a.accept().await;
+    let mut conn_b = b.accept().await;
+    let (reg_a, credits_a) = conn_a.register().await;
+    let (reg_b, credits_b) = conn_b.register().await;
+    assert_eq!((credits_a, credits_b), (2, 2));
+    assert_eq!(reg_a.worker_name, "fleet-worker");
+    assert_eq!(reg_a, reg_b);
+
+    // Each broker uses its own credits: four jobs are held, but only two scan at once.
+    conn_a.send_job(1, b"EVIL from a", 1024).await;
+    conn_a.send_job(2, b"clean from a", 1024).await;
+    conn_b.send_job(1, b"clean from b", 1024).await;
+    conn_b.send_job(2, b"EVIL from b", 1024).await;
+    scanner.wait_active(2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(scanner.active.load(Ordering::SeqCst), 2);
+    conn_a.expect_silence(Duration::from_millis(100)).await;
+
+    // Every result goes back on the stream its job came from.
+    scanner.open();
+    assert_eq!(
+        expect_results_and_credits(&mut conn_a, 2).await,
+        vec![(1, VerdictResult::Malicious), (2, VerdictResult::Clean)]
+    );
+    assert_eq!(
+        expect_results_and_credits(&mut conn_b, 2).await,
+        vec![(1, VerdictResult::Clean), (2, VerdictResult::Malicious)]
+    );
+    assert_eq!(scanner.max_active.load(Ordering::SeqCst), 2);
+    assert_eq!(scanner.seen().len(), 4);
+
+    // Broker A goes away: B is served meanwhile, and A is attached again when it is back.
+    let addr_a = a.addr;
+    drop(conn_a);
+    a.kill().await;
+    conn_b.send_job(3, b"while a is down", 1024).await;
+    assert_eq!(
+        expect_results_and_credits(&mut conn_b, 1).await,
+        vec![(3, VerdictResult::Clean)]
+    );
+    let mut a = TestServer::restart_on(addr_a).await;
+    let mut conn_a = a.accept().await;
+    assert_eq!(conn_a.register().await.1, 2);
+    conn_a.send_job(7, b"EVIL after the restart", 1024).await;
+    assert_eq!(
+        expect_results_and_credits(&mut conn_a, 1).await,
+        vec![(7, VerdictResult::Malicious)]
+    );
+    assert!(b.conns.try_recv().is_err(), "B's stream was never dropped");
+
+    // Shutdown ends both streams and `run`.
+    worker.shutdown();
+    assert!(conn_a.next().await.is_none());
+    assert!(conn_b.next().await.is_none());
+    drop((conn_a, conn_b));
+    worker.join().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_broker_that_refuses_the_worker_stops_it_on_every_broker() {
+    let mut a = TestServer::start().await;
+    let mut b = TestServer::start().await;
+    let worker = Worker::start(
+        WorkerConfig {
+            brokers: vec![a.url(), b.url()],
+            credits: 1,
+            ..WorkerConfig::default()
+        },
+        TestScanner::new(false),
+    );
+    let mut conn_a = a.accept().await;
+    conn_a.register().await;
+    let conn_b = b.accept().await;
+    conn_b
+        .tx
+        .send(Err(Status::unauthenticated("bad token")))
+        .await
+        .unwrap();
+    // A's session drains and closes; `run` reports B's refusal.
+    assert!(conn_a.next().await.is_none());
+    drop(conn_a);
+    match worker.join().await {
+        Err(WorkerError::Rejected { message, .. }) => assert_eq!(message, "bad token"),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
 }

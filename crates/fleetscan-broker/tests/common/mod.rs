@@ -57,6 +57,7 @@ impl TestBroker {
             ..BrokerConfig::default()
         };
         configure(&mut config);
+        let store_url = config.store_url.clone();
         let broker = Broker::new(config).await.expect("broker starts");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

@@ -117,7 +117,7 @@ fn main() -> anyhow::Result<()> {
         match args.mode {
             Mode::Sdk | Mode::MissEicar => {
                 let config = WorkerConfig {
-                    broker: args.broker,
+                    brokers: vec![args.broker],
                     worker_name: format!("sample-{}", std::process::id()),
                     credits: args.credits,
                     max_file_size: args.max_file_size,

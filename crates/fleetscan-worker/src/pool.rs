@@ -1,0 +1,239 @@
+//! The worker's scan slots: every scan of every broker session runs here, at most `credits`
+//! at once in total, on blocking threads.
+//!
+//! A job ready to scan is queued; a runner (a blocking task) takes jobs off the queue one after
+//! the other until it is empty, and a new runner is started only while fewer than `credits` run.
+//! Under load a runner goes from one job to the next without a thread hand-off, which matters
+//! when scans are quick: waking a thread per job cost more than the scan.
+//!
+//! It must never run more than `credits` scans at once, never scan content whose SHA-256 is not
+//! the job's, and never let a scanner's panic take a runner (and its slot) away. A job whose
+//! session is gone or that was cancelled before its turn is not scanned.
+
+use std::collections::VecDeque;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use fleetscan_core::Sha256;
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use crate::{ScanOutcome, Scanner};
+
+/// One job's content, ready to verify and scan.
+pub(crate) struct ScanJob {
+    pub(crate) job_id: u64,
+    pub(crate) expected: Sha256,
+    pub(crate) content: Vec<u8>,
+    /// Set by the session when the broker cancels the job.
+    pub(crate) cancelled: Arc<AtomicBool>,
+    /// The session's inbox of finished scans. Unbounded, yet bounded by the session: it holds
+    /// at most `credits` jobs, and each job sends exactly one `Done`.
+    pub(crate) done: mpsc::UnboundedSender<Done>,
+}
+
+/// A job the pool is finished with.
+#[derive(Debug)]
+pub(crate) struct Done {
+    pub(crate) job_id: u64,
+    /// The outcome and the scan time in microseconds; None when the job was not scanned
+    /// (cancelled before its turn).
+    pub(crate) scanned: Option<(ScanOutcome, u64)>,
+}
+
+pub(crate) struct ScanPool {
+    scanner: Arc<dyn Scanner>,
+    limit: usize,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<ScanJob>,
+    /// Runners started and not yet ended; each scans at most one job at a time.
+    runners: usize,
+}
+
+impl ScanPool {
+    /// A pool running at most `limit` (at least 1) scans at once.
+    pub(crate) fn new(scanner: Arc<dyn Scanner>, limit: usize) -> Arc<ScanPool> {
+        Arc::new(ScanPool {
+            scanner,
+            limit: limit.max(1),
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    /// Queues a job; it is scanned as soon as a slot is free. Must be called within a tokio
+    /// runtime (runners are blocking tasks).
+    pub(crate) fn submit(self: &Arc<Self>, job: ScanJob) {
+        let start_runner = {
+            let mut state = self.lock();
+            state.queue.push_back(job);
+            let start = state.runners < self.limit;
+            if start {
+                state.runners += 1;
+            }
+            start
+        };
+        if start_runner {
+            let pool = Arc::clone(self);
+            // Detached: the runner reports through each job's `done` channel.
+            drop(tokio::task::spawn_blocking(move || pool.run_queue()));
+        }
+    }
+
+    /// Scans queued jobs until there are none; the runner count drops under the same lock that
+    /// `submit` queues under, so a job is never left without a runner.
+    fn run_queue(&self) {
+        loop {
+            let job = {
+                let mut state = self.lock();
+                match state.queue.pop_front() {
+                    Some(job) => job,
+                    None => {
+                        state.runners -= 1;
+                        return;
+                    }
+                }
+            };
+            self.run_one(job);
+        }
+    }
+
+    fn run_one(&self, job: ScanJob) {
+        let ScanJob {
+            job_id,
+            expected,
+            content,
+            cancelled,
+            done,
+        } = job;
+        let scanned = if cancelled.load(Ordering::Acquire) || done.is_closed() {
+            // Nobody would read the answer: the slot is better spent on a job that matters.
+            None
+        } else if Sha256::of(&content) != expected {
+            Some((ScanOutcome::error("sha256 mismatch", false), 0))
+        } else {
+            let started = std::time::Instant::now();
+            let outcome = catch_unwind(AssertUnwindSafe(|| self.scanner.scan(&content)))
+                .unwrap_or_else(|_| {
+                    // A panic on hostile input will likely repeat on the next try.
+                    warn!(job_id, "scanner panicked");
+                    ScanOutcome::error("scanner panicked", false)
+                });
+            let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            Some((outcome, micros))
+        };
+        drop(content);
+        // A session that ended meanwhile dropped its inbox: the result has nowhere to go.
+        let _ = done.send(Done { job_id, scanned });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // Nothing panics while holding the lock (scans run outside it): never poisoned in
+        // practice, and the state stays consistent if it were.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    use fleetscan_core::{ScannerIdentity, VerdictKind};
+
+    use super::*;
+
+    /// Counts scans running at once; panics on "boom".
+    #[derive(Default)]
+    struct Counting {
+        active: AtomicUsize,
+        max_active: AtomicUsize,
+    }
+
+    impl Scanner for Counting {
+        fn identity(&self) -> ScannerIdentity {
+            ScannerIdentity::default()
+        }
+
+        fn scan(&self, content: &[u8]) -> ScanOutcome {
+            let now = self.active.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max_active.fetch_max(now, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(5));
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            assert!(content != b"boom", "scanner bug");
+            ScanOutcome::clean()
+        }
+    }
+
+    fn job(
+        job_id: u64,
+        content: &[u8],
+        done: &mpsc::UnboundedSender<Done>,
+    ) -> (ScanJob, Arc<AtomicBool>) {
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let job = ScanJob {
+            job_id,
+            expected: Sha256::of(content),
+            content: content.to_vec(),
+            cancelled: cancelled.clone(),
+            done: done.clone(),
+        };
+        (job, cancelled)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn never_more_scans_at_once_than_the_limit_and_every_job_is_answered() {
+        let scanner = Arc::new(Counting::default());
+        let pool = ScanPool::new(scanner.clone(), 3);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        for i in 0..40 {
+            pool.submit(job(i, format!("content {i}").as_bytes(), &tx).0);
+        }
+        let mut ids = Vec::new();
+        for _ in 0..40 {
+            let done = rx.recv().await.unwrap();
+            assert_eq!(done.scanned.unwrap().0.kind, VerdictKind::Clean);
+            ids.push(done.job_id);
+        }
+        ids.sort_unstable();
+        assert_eq!(ids, (0..40).collect::<Vec<_>>());
+        assert_eq!(scanner.max_active.load(Ordering::SeqCst), 3);
+        // Every runner ended once the queue was empty.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(pool.lock().runners, 0);
+    }
+
+    #[tokio::test]
+    async fn mismatches_panics_and_cancellations_are_answered_without_losing_a_slot() {
+        let pool = ScanPool::new(Arc::new(Counting::default()), 1);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (mut bad, _) = job(1, b"content", &tx);
+        bad.expected = Sha256::of(b"other content");
+        pool.submit(bad);
+        let done = rx.recv().await.unwrap();
+        let (outcome, _) = done.scanned.unwrap();
+        assert_eq!(outcome.detail.as_deref(), Some("sha256 mismatch"));
+        assert!(!outcome.retryable);
+
+        pool.submit(job(2, b"boom", &tx).0);
+        let (outcome, _) = rx.recv().await.unwrap().scanned.unwrap();
+        assert_eq!(outcome.detail.as_deref(), Some("scanner panicked"));
+
+        let (cancelled, flag) = job(3, b"never scanned", &tx);
+        flag.store(true, Ordering::Release);
+        pool.submit(cancelled);
+        let done = rx.recv().await.unwrap();
+        assert_eq!(done.job_id, 3);
+        assert!(done.scanned.is_none());
+
+        // The one slot is still there.
+        pool.submit(job(4, b"fine", &tx).0);
+        let done = rx.recv().await.unwrap();
+        assert_eq!(done.job_id, 4);
+        assert_eq!(done.scanned.unwrap().0.kind, VerdictKind::Clean);
+    }
+}
