@@ -1,5 +1,7 @@
 //! The broker session: one long-lived `AgentService.Session` stream at a time, reconnected
-//! with backoff over the configured brokers.
+//! with backoff over the configured brokers. A broker named by a host name that resolves to
+//! several addresses (DNS with one record per replica) counts as that many brokers: the agent
+//! moves to the next address when one fails.
 //!
 //! A session says hello, waits for `SessionAccepted` (policy, verdict generation), then serves:
 //! decisions answer pending events (through the pending map's gate), content requests start
@@ -76,14 +78,25 @@ impl Backoff {
     }
 }
 
+/// How long resolving the brokers' host names may take before the names are tried as they are.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Runs sessions forever (until the future is dropped).
 pub(crate) async fn run(shared: Arc<Shared>) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-    let brokers = shared.config.brokers.clone();
-    let mut idx = 0usize;
+    // The brokers to try, in order; resolved again once every one of them failed, so that DNS
+    // changes (a replica added or gone) are followed.
+    let mut candidates: std::collections::VecDeque<String> = Default::default();
     loop {
-        let url = &brokers[idx % brokers.len()];
-        match session(&shared, url).await {
+        if candidates.is_empty() {
+            candidates = resolve_all(&shared.config.brokers).await.into();
+        }
+        let Some(url) = candidates.front().cloned() else {
+            // No broker configured: nothing to connect to (the config check forbids this).
+            tokio::time::sleep(backoff.next_delay()).await;
+            continue;
+        };
+        match session(&shared, &url).await {
             Ok(()) => {
                 // It was accepted and then ended: try the same broker again first, quickly.
                 backoff.reset();
@@ -91,10 +104,57 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             }
             Err(e) => {
                 warn!(broker = %url, error = %e, "broker session failed");
-                idx = idx.wrapping_add(1);
+                candidates.pop_front();
             }
         }
         tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+/// Every broker URL with a host name becomes one URL per address the name resolves to, in the
+/// resolver's order; URLs with an address, and names that do not resolve in time, are kept as
+/// they are (connecting to them reports the error). Duplicates are dropped.
+pub(crate) async fn resolve_all(brokers: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for url in brokers {
+        for resolved in resolve(url).await {
+            if !out.contains(&resolved) {
+                out.push(resolved);
+            }
+        }
+    }
+    out
+}
+
+async fn resolve(url: &str) -> Vec<String> {
+    let Ok(uri) = url.parse::<tonic::codegen::http::Uri>() else {
+        return vec![url.to_owned()];
+    };
+    let (Some(scheme), Some(host)) = (uri.scheme_str(), uri.host()) else {
+        return vec![url.to_owned()];
+    };
+    if host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+        .is_ok()
+    {
+        return vec![url.to_owned()];
+    }
+    let port = uri
+        .port_u16()
+        .unwrap_or(if scheme == "https" { 443 } else { 80 });
+    match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, port))).await {
+        Ok(Ok(addrs)) => {
+            let urls: Vec<String> = addrs.map(|a| format!("{scheme}://{a}")).collect();
+            if urls.is_empty() {
+                vec![url.to_owned()]
+            } else {
+                debug!(broker = url, addresses = ?urls, "broker name resolved");
+                urls
+            }
+        }
+        _ => vec![url.to_owned()],
     }
 }
 
@@ -451,5 +511,42 @@ mod tests {
         assert_eq!(got, [100, 200, 400, 800, 1600, 2000, 2000]);
         b.reset();
         assert_eq!(b.next_delay(), Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn a_broker_name_becomes_one_broker_per_address() {
+        // `localhost` comes from /etc/hosts: no DNS traffic leaves the machine.
+        let resolved = resolve_all(&["http://localhost:7701".to_owned()]).await;
+        assert!(!resolved.is_empty());
+        assert!(
+            resolved.contains(&"http://127.0.0.1:7701".to_owned()),
+            "{resolved:?}"
+        );
+        for url in &resolved {
+            let host = url
+                .trim_start_matches("http://")
+                .rsplit_once(':')
+                .unwrap()
+                .0;
+            assert!(
+                host.trim_matches(['[', ']'])
+                    .parse::<std::net::IpAddr>()
+                    .is_ok(),
+                "{url}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn addresses_are_kept_in_order_without_duplicates() {
+        let brokers = [
+            "http://10.1.2.3:7700".to_owned(),
+            "http://[::1]:7700".to_owned(),
+            "http://10.1.2.3:7700".to_owned(),
+        ];
+        assert_eq!(
+            resolve_all(&brokers).await,
+            ["http://10.1.2.3:7700", "http://[::1]:7700"]
+        );
     }
 }
