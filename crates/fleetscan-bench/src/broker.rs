@@ -99,6 +99,7 @@ pub(crate) fn broker(a: &BrokerArgs) -> anyhow::Result<()> {
         None => std::env::current_exe().context("locating the fleetscan binary")?,
     };
     let mut sandbox = Sandbox::new(exe);
+    sandbox.set_log_filter("info");
     let broker = sandbox.broker(&[]);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(a.client_threads.max(1))

@@ -166,7 +166,10 @@ impl Engine {
                         .insert(pool.to_owned(), identity.clone());
                     let generation = local_generation();
                     self.generation.send_replace(generation);
-                    info!(pool, generation, "verdict generation moved locally; agents flush");
+                    info!(
+                        pool,
+                        generation, "verdict generation moved locally; agents flush"
+                    );
                 }
             }
         }
@@ -192,7 +195,10 @@ impl Engine {
                 changed
             });
             if changed {
-                info!(generation = state.generation, "verdict generation of the fleet adopted; agents of other generations flush");
+                info!(
+                    generation = state.generation,
+                    "verdict generation of the fleet adopted; agents of other generations flush"
+                );
             }
         } else {
             for (pool, identity) in unconfirmed {

@@ -118,7 +118,10 @@ impl Fleet {
 
     fn mark_down(&self, why: &str) {
         if self.healthy.swap(false, Ordering::Relaxed) {
-            warn!(error = why, "store unavailable; deciding from memory and workers until it returns");
+            warn!(
+                error = why,
+                "store unavailable; deciding from memory and workers until it returns"
+            );
         }
     }
 
@@ -134,7 +137,9 @@ impl Fleet {
             )
             .await;
         match claimed {
-            Ok(Claim::Won) => Standing::Scan(Some(ClaimGuard::new(self.clone(), *sha256, identity))),
+            Ok(Claim::Won) => {
+                Standing::Scan(Some(ClaimGuard::new(self.clone(), *sha256, identity)))
+            }
             Ok(Claim::Held { .. }) => Standing::Wait,
             // No store, no sharing: scanning here is better than not deciding.
             Err(_) => Standing::Scan(None),

@@ -448,7 +448,12 @@ async fn during_a_rolling_upgrade_only_workers_with_the_new_rules_get_jobs() {
         );
     }
     assert!(old.job_within(Duration::from_millis(200)).await.is_none());
-    assert!(old_again.job_within(Duration::from_millis(200)).await.is_none());
+    assert!(
+        old_again
+            .job_within(Duration::from_millis(200))
+            .await
+            .is_none()
+    );
 }
 
 /// The first agent to ask about new content declares a wrong size for it (e.g. the file grew

@@ -114,18 +114,20 @@ impl Store {
             generation: generation_from(generation)?,
             pools: pools
                 .into_iter()
-                .map(|(tenant, pool, scanner, engine, engine_version, ruleset_version)| {
-                    PoolIdentity {
-                        tenant,
-                        pool,
-                        identity: ScannerIdentity {
-                            scanner,
-                            engine,
-                            engine_version,
-                            ruleset_version,
-                        },
-                    }
-                })
+                .map(
+                    |(tenant, pool, scanner, engine, engine_version, ruleset_version)| {
+                        PoolIdentity {
+                            tenant,
+                            pool,
+                            identity: ScannerIdentity {
+                                scanner,
+                                engine,
+                                engine_version,
+                                ruleset_version,
+                            },
+                        }
+                    },
+                )
                 .collect(),
         })
     }
@@ -146,9 +148,8 @@ impl Store {
             "INSERT INTO pool_identities (tenant, pool, {IDENTITY_COLUMNS}, first_seen_unix_ms) \
              VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING"
         );
-        let select_current = format!(
-            "SELECT {IDENTITY_COLUMNS} FROM pool_current WHERE tenant = $1 AND pool = $2"
-        );
+        let select_current =
+            format!("SELECT {IDENTITY_COLUMNS} FROM pool_current WHERE tenant = $1 AND pool = $2");
         let upsert_current = format!(
             "INSERT INTO pool_current (tenant, pool, {IDENTITY_COLUMNS}, generation) \
              VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (tenant, pool) DO UPDATE SET \

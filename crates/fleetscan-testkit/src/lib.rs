@@ -125,6 +125,8 @@ pub struct Sandbox {
     /// dies without Drop or the watchdog (SIGKILL): it reads one per line and acts at end of
     /// file.
     guard: Option<(Child, ChildStdin)>,
+    /// `FLEETSCAN_LOG` of the processes it starts.
+    log_filter: String,
 }
 
 /// How long one setup or teardown command (`ip`, `mount`) may run.
@@ -187,6 +189,8 @@ impl Sandbox {
             counter: 0,
             net: None,
             guard: None,
+            // Tests read the logs when they fail: every decision is logged.
+            log_filter: "info,fleetscan=debug".to_owned(),
         }
     }
 
@@ -222,6 +226,12 @@ impl Sandbox {
                 .write_all(format!("{line}\n").as_bytes())
                 .expect("telling the guard about a process or resource");
         }
+    }
+
+    /// Sets `FLEETSCAN_LOG` for the processes started from now on (benchmarks use "info", so
+    /// that a log line per decision is not part of what they measure).
+    pub fn set_log_filter(&mut self, filter: &str) {
+        self.log_filter = filter.to_owned();
     }
 
     pub fn dir(&self) -> &Path {
@@ -273,7 +283,7 @@ impl Sandbox {
         let log_path = self.dir.path().join(format!("{name}.log"));
         let log = std::fs::File::create(&log_path).expect("creating a log file");
         let mut child = cmd
-            .env("FLEETSCAN_LOG", "info,fleetscan=debug")
+            .env("FLEETSCAN_LOG", &self.log_filter)
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
