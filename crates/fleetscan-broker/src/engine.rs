@@ -19,13 +19,13 @@ use fleetscan_core::{DEFAULT_TENANT, Policy, ScannerIdentity, Sha256, Verdict, n
 use fleetscan_store::{FleetState, Store};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Semaphore, watch};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::cache::{Identities, IdentityId, InternedIdentity, VerdictCache};
 use crate::config::BrokerConfig;
 use crate::content::ContentSource;
 use crate::decide::Resolution;
-use crate::fleet::{Fleet, Standing};
+use crate::fleet::{Fleet, Skipped, Standing};
 use crate::flight::{Joined, Leader, SingleFlight, Waiter};
 use crate::scheduler::{EnqueueError, JobPayload, RunOutcome, Scheduler};
 use crate::stats::{Stats, bump};
@@ -76,6 +76,11 @@ pub struct Engine {
     /// Pools whose current identity was set here while the store was unreachable, and is not
     /// yet the fleet's: re-registered until the store takes it.
     unconfirmed: Mutex<HashMap<String, ScannerIdentity>>,
+    /// Serialises every change of pool identities and generation (fleet states arrive from the
+    /// fleet task, from registrations and from re-registrations at once), and remembers the
+    /// newest fleet generation applied: an older state read before a newer one was applied is
+    /// never applied after it.
+    applying: Mutex<u64>,
     pub fleet: Arc<Fleet>,
     flights: SingleFlight<FlightKey, Resolution, ContentSource>,
     pub scheduler: Arc<Scheduler>,
@@ -111,6 +116,7 @@ impl Engine {
             current: RwLock::new(HashMap::new()),
             seen: Mutex::new(HashSet::new()),
             unconfirmed: Mutex::new(HashMap::new()),
+            applying: Mutex::new(0),
             flights: SingleFlight::default(),
             scheduler: Arc::new(Scheduler::default()),
             writer,
@@ -156,8 +162,15 @@ impl Engine {
                 }
                 self.apply_fleet(&state);
             }
+            Err(Skipped::Failed(e)) if !e.is_unavailable() => {
+                // The store answered, wrongly: deciding alone would split this broker from the
+                // fleet for no outage. The pool keeps its identity until a registration (the
+                // worker's next attach) succeeds.
+                error!(pool, error = %e, "registering a scanner identity failed");
+            }
             Err(e) => {
                 warn!(pool, error = %e, "scanner identity not registered with the fleet; deciding locally");
+                let _applying = self.applying.lock();
                 let interned = self.identities.intern(identity);
                 let new = self.seen.lock().insert((pool.to_owned(), interned.id));
                 if (new || self.current(pool).is_none()) && self.set_current(pool, interned) {
@@ -179,7 +192,18 @@ impl Engine {
     /// whose identity this broker set alone (store unreachable) keep it and are registered
     /// again; until the fleet has them, the generation stays this broker's own.
     pub fn apply_fleet(self: &Arc<Self>, state: &FleetState) {
+        let mut applied = self.applying.lock();
+        if state.generation < *applied {
+            return; // Read before a newer state that is applied already.
+        }
+        *applied = state.generation;
         let unconfirmed = self.unconfirmed.lock().clone();
+        {
+            let mut seen = self.seen.lock();
+            for p in state.known.iter().filter(|p| p.tenant == DEFAULT_TENANT) {
+                seen.insert((p.pool.clone(), self.identities.intern(&p.identity).id));
+            }
+        }
         for p in state.pools.iter().filter(|p| p.tenant == DEFAULT_TENANT) {
             if unconfirmed.contains_key(&p.pool) {
                 continue;
@@ -218,8 +242,10 @@ impl Engine {
                 return false;
             }
             current.insert(pool.to_owned(), identity.clone());
+            // Under the same lock, so that the engine and the scheduler never disagree on the
+            // pool's identity (the scheduler never calls back into the engine).
+            self.scheduler.set_current(pool, identity.identity.clone());
         }
-        self.scheduler.set_current(pool, identity.identity.clone());
         let id = &identity.identity;
         info!(
             pool,
@@ -516,10 +542,20 @@ struct Job {
 /// bit set keeps it apart from the fleet's (which count up from a time in milliseconds), and
 /// the microsecond clock keeps one broker's successive ones, and different brokers', apart.
 fn local_generation() -> u64 {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let micros = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX >> 1));
-    (1 << 63) | (micros & (u64::MAX >> 1))
+    let candidate = (1 << 63) | (micros & (u64::MAX >> 1));
+    // Never the same twice in one process, even within a microsecond or after a clock step.
+    let previous = LAST
+        .fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |last| Some(candidate.max(last + 1) | (1 << 63)),
+        )
+        .unwrap_or(0);
+    candidate.max(previous + 1) | (1 << 63)
 }
 
 /// The tenant a peer named, or the default one.
@@ -535,4 +571,70 @@ pub fn tenant_or_default(tenant: &str) -> String {
 pub async fn stopped(stop: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns is not `Send`: drop it here, not in the caller's select.
     let _ = stop.wait_for(|s| *s).await.map(|_| ());
+}
+
+#[cfg(test)]
+mod tests {
+    use fleetscan_store::PoolIdentity;
+
+    use super::*;
+    use crate::writer::write_behind;
+
+    fn identity(ruleset: &str) -> ScannerIdentity {
+        ScannerIdentity {
+            scanner: "reference".into(),
+            engine: "test".into(),
+            engine_version: "1".into(),
+            ruleset_version: ruleset.into(),
+        }
+    }
+
+    fn state(generation: u64, ruleset: &str) -> FleetState {
+        let current = PoolIdentity {
+            tenant: DEFAULT_TENANT.into(),
+            pool: DEFAULT_POOL.into(),
+            identity: identity(ruleset),
+        };
+        FleetState {
+            generation,
+            pools: vec![current.clone()],
+            known: vec![current],
+        }
+    }
+
+    async fn engine() -> Arc<Engine> {
+        let store = Store::connect("sqlite::memory:").await.unwrap();
+        let (writer, _queue) = write_behind(16);
+        let (_stop, stop) = watch::channel(false);
+        Arc::new(Engine::new(BrokerConfig::default(), store, writer, stop))
+    }
+
+    #[tokio::test]
+    async fn a_fleet_state_read_before_a_newer_one_is_never_applied_after_it() {
+        let engine = engine().await;
+        engine.apply_fleet(&state(11, "r2"));
+        // A sync that read the store before the registration of r2 finishes late.
+        engine.apply_fleet(&state(10, "r1"));
+        assert_eq!(
+            engine.current(DEFAULT_POOL).unwrap().identity,
+            identity("r2")
+        );
+        assert_eq!(*engine.generation.borrow(), 11);
+        // The same state again changes nothing; a newer one is applied.
+        engine.apply_fleet(&state(11, "r2"));
+        engine.apply_fleet(&state(12, "r3"));
+        assert_eq!(
+            engine.current(DEFAULT_POOL).unwrap().identity,
+            identity("r3")
+        );
+        assert_eq!(*engine.generation.borrow(), 12);
+    }
+
+    #[test]
+    fn local_generations_are_never_repeated_nor_a_fleets() {
+        let generations: Vec<u64> = (0..10_000).map(|_| local_generation()).collect();
+        assert!(generations.windows(2).all(|w| w[0] < w[1]));
+        // Fleet generations count up from a time in milliseconds: far below the top bit.
+        assert!(generations.iter().all(|g| *g >= 1 << 63));
+    }
 }

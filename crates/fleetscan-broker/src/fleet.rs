@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use fleetscan_core::{ScannerIdentity, Sha256, now_unix_ms};
@@ -71,6 +71,9 @@ pub struct Fleet {
     waiting: Mutex<HashMap<Sha256, Arc<Notify>>>,
     /// Wakes the fleet task to read the fleet state now.
     pub sync_now: Notify,
+    /// Numbers this broker's claims, so that a late release of an old claim never removes a
+    /// newer one on the same content.
+    claim_counter: AtomicU64,
 }
 
 impl Fleet {
@@ -84,6 +87,7 @@ impl Fleet {
             healthy: AtomicBool::new(true),
             waiting: Mutex::new(HashMap::new()),
             sync_now: Notify::new(),
+            claim_counter: AtomicU64::new(0),
         }
     }
 
@@ -130,16 +134,24 @@ impl Fleet {
         if !self.claims {
             return Standing::Scan(None);
         }
+        let token = format!(
+            "{}#{}",
+            self.owner,
+            self.claim_counter.fetch_add(1, Ordering::Relaxed)
+        );
         let claimed = self
             .guarded(
                 self.store
-                    .claim_scan(sha256, identity, &self.owner, self.claim_ttl),
+                    .claim_scan(sha256, identity, &token, self.claim_ttl),
             )
             .await;
         match claimed {
-            Ok(Claim::Won) => {
-                Standing::Scan(Some(ClaimGuard::new(self.clone(), *sha256, identity)))
-            }
+            Ok(Claim::Won) => Standing::Scan(Some(ClaimGuard::new(
+                self.clone(),
+                *sha256,
+                identity,
+                token,
+            ))),
             Ok(Claim::Held { .. }) => Standing::Wait,
             // No store, no sharing: scanning here is better than not deciding.
             Err(_) => Standing::Scan(None),
@@ -155,12 +167,12 @@ impl Fleet {
             .entry(*sha256)
             .or_insert_with(|| Arc::new(Notify::new()))
             .clone();
-        let _ = tokio::time::timeout(CLAIM_POLL, notify.notified()).await;
-        let mut waiting = self.waiting.lock();
-        // The map's reference and ours: nobody else waits; forget the entry.
-        if Arc::strong_count(&notify) <= 2 {
-            waiting.remove(sha256);
-        }
+        let leave = Leave {
+            fleet: self,
+            sha256: *sha256,
+            notify,
+        };
+        let _ = tokio::time::timeout(CLAIM_POLL, leave.notify.notified()).await;
     }
 
     fn wake(&self, sha256: &Sha256) {
@@ -249,30 +261,57 @@ impl Fleet {
     }
 }
 
+/// A waiter on another broker's claim; forgets the content's entry when the last waiter
+/// leaves, also when its wait is cut short.
+struct Leave<'a> {
+    fleet: &'a Fleet,
+    sha256: Sha256,
+    notify: Arc<Notify>,
+}
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        let mut waiting = self.fleet.waiting.lock();
+        // The map's reference and ours: nobody else waits.
+        if Arc::strong_count(&self.notify) <= 2 {
+            waiting.remove(&self.sha256);
+        }
+    }
+}
+
 /// A claim this broker holds: renewed while held, released (with a notice to waiters) when
 /// dropped or [`ClaimGuard::release`]d.
 pub struct ClaimGuard {
     fleet: Arc<Fleet>,
     sha256: Sha256,
     identity: ScannerIdentity,
+    /// The owner name this claim was made under, unique to it.
+    token: String,
     renew: JoinHandle<()>,
     released: bool,
 }
 
 impl ClaimGuard {
-    fn new(fleet: Arc<Fleet>, sha256: Sha256, identity: &ScannerIdentity) -> ClaimGuard {
+    fn new(
+        fleet: Arc<Fleet>,
+        sha256: Sha256,
+        identity: &ScannerIdentity,
+        token: String,
+    ) -> ClaimGuard {
         let renew = {
             let fleet = fleet.clone();
             let identity = identity.clone();
+            let token = token.clone();
             tokio::spawn(async move {
-                let period = fleet.claim_ttl / 3;
+                // A zero or tiny ttl must not make this a busy loop.
+                let period = (fleet.claim_ttl / 3).max(Duration::from_millis(50));
                 loop {
                     tokio::time::sleep(period).await;
                     let renewed = fleet
                         .guarded(fleet.store.claim_scan(
                             &sha256,
                             &identity,
-                            &fleet.owner,
+                            &token,
                             fleet.claim_ttl,
                         ))
                         .await;
@@ -289,6 +328,7 @@ impl ClaimGuard {
             fleet,
             sha256,
             identity: identity.clone(),
+            token,
             renew,
             released: false,
         }
@@ -303,7 +343,7 @@ impl ClaimGuard {
             .guarded(
                 fleet
                     .store
-                    .release_claim(&self.sha256, &self.identity, &fleet.owner),
+                    .release_claim(&self.sha256, &self.identity, &self.token),
             )
             .await
         {
@@ -321,10 +361,11 @@ impl Drop for ClaimGuard {
         }
         // Dropped without a release (the flight was cut short): release in the background.
         let (fleet, sha256, identity) = (self.fleet.clone(), self.sha256, self.identity.clone());
+        let token = std::mem::take(&mut self.token);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 let _ = fleet
-                    .guarded(fleet.store.release_claim(&sha256, &identity, &fleet.owner))
+                    .guarded(fleet.store.release_claim(&sha256, &identity, &token))
                     .await;
             });
         }

@@ -33,6 +33,9 @@ pub struct PoolIdentity {
 pub struct FleetState {
     pub generation: u64,
     pub pools: Vec<PoolIdentity>,
+    /// Every identity any pool ever had (current or not): a broker deciding alone while the
+    /// store is away must not take one of these for new.
+    pub known: Vec<PoolIdentity>,
 }
 
 impl FleetState {
@@ -97,38 +100,77 @@ const NOW_MS_SQLITE: &str = "CAST((julianday('now') - 2440587.5) * 86400000 AS I
 /// tenant, pool, scanner, engine, engine_version, ruleset_version.
 type PoolRow = (String, String, String, String, String, String);
 
+/// generation, then a pool's current identity (all NULL when no pool has one).
+type CurrentRow = (
+    i64,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+fn pool_identity(row: PoolRow) -> PoolIdentity {
+    let (tenant, pool, scanner, engine, engine_version, ruleset_version) = row;
+    PoolIdentity {
+        tenant,
+        pool,
+        identity: ScannerIdentity {
+            scanner,
+            engine,
+            engine_version,
+            ruleset_version,
+        },
+    }
+}
+
 const IDENTITY_COLUMNS: &str = "scanner, engine, engine_version, ruleset_version";
 
 impl Store {
-    /// The fleet generation and every pool's current identity.
+    /// The fleet generation, every pool's current identity, and every identity any pool ever
+    /// had. The generation and the current identities are read by one statement, so they are
+    /// one consistent snapshot (a registration committing meanwhile is wholly in or out).
     pub async fn fleet_state(&self) -> Result<FleetState, StoreError> {
-        let sql_pools = format!("SELECT tenant, pool, {IDENTITY_COLUMNS} FROM pool_current");
-        let (generation, pools): (i64, Vec<PoolRow>) = on_pool!(self, pool => {
-            let generation: (i64,) = sqlx::query_as("SELECT generation FROM fleet_state WHERE id = 1")
-                .fetch_one(pool)
-                .await?;
-            let pools = sqlx::query_as(&sql_pools).fetch_all(pool).await?;
-            (generation.0, pools)
+        let sql_current = "SELECT f.generation, p.tenant, p.pool, p.scanner, p.engine, \
+             p.engine_version, p.ruleset_version FROM fleet_state f \
+             LEFT JOIN pool_current p ON 1 = 1 WHERE f.id = 1 ORDER BY p.tenant, p.pool";
+        let sql_known = format!(
+            "SELECT tenant, pool, {IDENTITY_COLUMNS} FROM pool_identities \
+             ORDER BY tenant, pool, first_seen_unix_ms, {IDENTITY_COLUMNS}"
+        );
+        let (rows, known): (Vec<CurrentRow>, Vec<PoolRow>) = on_pool!(self, pool => {
+            let rows = sqlx::query_as(sql_current).fetch_all(pool).await?;
+            let known = sqlx::query_as(&sql_known).fetch_all(pool).await?;
+            (rows, known)
         });
+        let Some(generation) = rows.first().map(|r| r.0) else {
+            return Err(StoreError::Corrupt {
+                table: "fleet_state",
+                column: "generation",
+                value: "no row".to_owned(),
+            });
+        };
+        let pools = rows
+            .into_iter()
+            .filter_map(
+                |(_, tenant, pool, scanner, engine, engine_version, ruleset_version)| {
+                    Some((
+                        tenant?,
+                        pool?,
+                        scanner?,
+                        engine?,
+                        engine_version?,
+                        ruleset_version?,
+                    ))
+                },
+            )
+            .map(pool_identity)
+            .collect();
         Ok(FleetState {
             generation: generation_from(generation)?,
-            pools: pools
-                .into_iter()
-                .map(
-                    |(tenant, pool, scanner, engine, engine_version, ruleset_version)| {
-                        PoolIdentity {
-                            tenant,
-                            pool,
-                            identity: ScannerIdentity {
-                                scanner,
-                                engine,
-                                engine_version,
-                                ruleset_version,
-                            },
-                        }
-                    },
-                )
-                .collect(),
+            pools,
+            known: known.into_iter().map(pool_identity).collect(),
         })
     }
 

@@ -83,6 +83,9 @@ async fn an_identity_seen_before_does_not_turn_the_pool_back(f: Fixture) {
         .unwrap();
     assert_eq!(after, upgraded);
     assert_eq!(after.current("t", "default"), Some(&identity("r2")));
+    // Both are known: a broker deciding alone while the store is away must not take r1 for new.
+    let known: Vec<_> = after.known.iter().map(|p| &p.identity).collect();
+    assert_eq!(known, [&identity("r1"), &identity("r2")]);
 }
 
 async fn pools_are_independent_and_scoped_to_their_tenant(f: Fixture) {
