@@ -86,10 +86,14 @@ pub(crate) struct ContainerIds {
 /// The container id and pod uid a cgroup path names, in the layouts of containerd, CRI-O,
 /// Docker and podman, with the systemd and the cgroupfs drivers:
 /// `/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_with_underscores>.slice/cri-containerd-<id>.scope`,
-/// `/kubepods/besteffort/pod<uid>/<id>`, `/system.slice/docker-<id>.scope`, `crio-<id>.scope`.
+/// `/kubepods/besteffort/pod<uid>/<id>`, `/system.slice/docker-<id>.scope`, `crio-<id>.scope`,
+/// `…/kubepods-besteffort-pod<uid>.slice:cri-containerd:<id>` (a systemd unit name and its
+/// runtime and id joined by colons), `libpod-<id>.scope/container`. Where several components
+/// match (a node running in a container of its own: `/docker-<node>.scope/kubepods/…`), the
+/// last one wins: it is the innermost. Anything else is no match, never a guess.
 pub(crate) fn container_of(cgroup: &str) -> ContainerIds {
     let mut ids = ContainerIds::default();
-    for comp in cgroup.split('/') {
+    for comp in cgroup.split(['/', ':']) {
         let base = comp
             .strip_suffix(".scope")
             .or_else(|| comp.strip_suffix(".slice"))
@@ -169,6 +173,132 @@ mod tests {
             container_of("/user.slice/user-0.slice/session-1.scope"),
             ContainerIds::default()
         );
+    }
+
+    #[test]
+    fn colon_joined_units_podman_and_nested_runtimes() {
+        let uid = "1b2c3d4e-0000-1111-2222-333344445555";
+        let cg = format!(
+            "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice:cri-containerd:{ID}",
+            uid.replace('-', "_")
+        );
+        assert_eq!(
+            container_of(&cg),
+            ContainerIds {
+                container_id: ID.into(),
+                pod_uid: uid.into()
+            }
+        );
+        assert_eq!(
+            container_of(&format!("/machine.slice/libpod-{ID}.scope/container")).container_id,
+            ID
+        );
+        // A kind/k3d node is itself a Docker container: the pod's container is the innermost.
+        let node = "f".repeat(64);
+        let cg = format!("/system.slice/docker-{node}.scope/kubepods/burstable/pod{uid}/{ID}");
+        assert_eq!(
+            container_of(&cg),
+            ContainerIds {
+                container_id: ID.into(),
+                pod_uid: uid.into()
+            }
+        );
+        // Upper-case ids are the same container.
+        assert_eq!(
+            container_of(&format!("/system.slice/docker-{}.scope", ID.to_uppercase())).container_id,
+            ID
+        );
+    }
+
+    #[test]
+    fn malformed_paths_name_no_container() {
+        for cg in [
+            String::new(),
+            "/".into(),
+            format!("/system.slice/docker-{}.scope", &ID[..63]),
+            format!("/system.slice/docker-{ID}0.scope"),
+            format!("/system.slice/docker-{}g.scope", &ID[..63]),
+            "/kubepods/burstable/pod1b2c3d4e-0000-1111-2222-33334444555".into(),
+            "/kubepods/burstable/pod1b2c3d4e_0000_1111_2222_333344445555x".into(),
+            "::::".into(),
+            "/kubepods-pod.slice/-pod/pod".into(),
+        ] {
+            assert_eq!(container_of(&cg), ContainerIds::default(), "{cg:?}");
+        }
+    }
+
+    /// Random paths built from the pieces real ones are made of, and random bytes: the parser
+    /// never panics, and whatever it reports is well-formed and was in the input.
+    #[test]
+    fn fuzzed_paths_never_panic_nor_invent_ids() {
+        let pieces = [
+            "/",
+            ":",
+            ".scope",
+            ".slice",
+            "kubepods",
+            "-pod",
+            "pod",
+            "docker-",
+            "crio-",
+            "cri-containerd-",
+            "libpod-",
+            "containerd-",
+            "_",
+            "-",
+            ID,
+            &ID[..40],
+            "0123",
+            "1b2c3d4e-0000-1111-2222-333344445555",
+            "1b2c3d4e_0000_1111_2222_333344445555",
+            "é",
+            "\0",
+            " ",
+        ];
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for round in 0..20_000 {
+            let mut cg = String::new();
+            for _ in 0..(next() % 12) {
+                if round % 4 == 0 {
+                    // Raw bytes, made valid UTF-8 the lossy way.
+                    let bytes: Vec<u8> = (0..(next() % 8)).map(|_| next() as u8).collect();
+                    cg.push_str(&String::from_utf8_lossy(&bytes));
+                } else {
+                    cg.push_str(pieces[(next() % pieces.len() as u64) as usize]);
+                }
+            }
+            let ids = container_of(&cg);
+            if !ids.container_id.is_empty() {
+                assert_eq!(ids.container_id.len(), 64, "{cg:?}");
+                assert!(
+                    ids.container_id
+                        .bytes()
+                        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+                    "{cg:?}"
+                );
+                assert!(
+                    cg.to_ascii_lowercase().contains(&ids.container_id),
+                    "{cg:?}"
+                );
+            }
+            if !ids.pod_uid.is_empty() {
+                assert!(is_uuid(&ids.pod_uid), "{cg:?}");
+                assert!(
+                    cg.to_ascii_lowercase()
+                        .replace('_', "-")
+                        .contains(&ids.pod_uid),
+                    "{cg:?}"
+                );
+            }
+            let _ = parse_cgroup_file(&cg);
+            let _ = parse_status(&cg);
+        }
     }
 
     #[test]
