@@ -147,13 +147,6 @@ const ACCESS_COLUMNS: &str = "at_unix_ms, tenant, node, path, kind, action, reas
 const HOST_COLUMNS: &str = "tenant, node, cluster, agent_version, first_seen_unix_ms, \
      last_seen_unix_ms, allowed_count, denied_count";
 
-const PUT_VERDICT: &str = "INSERT INTO verdicts (sha256, scanner, engine, engine_version, \
-     ruleset_version, result, threat_name, detail, scanned_at_unix_ms, scan_micros) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-     ON CONFLICT (sha256, scanner, engine, engine_version, ruleset_version) DO UPDATE SET \
-     result = excluded.result, threat_name = excluded.threat_name, detail = excluded.detail, \
-     scanned_at_unix_ms = excluded.scanned_at_unix_ms, scan_micros = excluded.scan_micros";
-
 /// Rows per SQLite insert statement: 13 parameters a row stays well under SQLite's limit of
 /// 32766 bind parameters.
 const SQLITE_INSERT_CHUNK: usize = 500;
@@ -318,23 +311,7 @@ impl Store {
     /// Idempotent: the key is (sha256, scanner, engine, engine_version, ruleset_version);
     /// a second put of the same key replaces the row.
     pub async fn put_verdict(&self, v: &Verdict) -> Result<(), StoreError> {
-        let scan_micros = to_i64("scan_micros", v.scan_micros)?;
-        on_pool!(self, pool => {
-            sqlx::query(PUT_VERDICT)
-                .bind(&v.sha256.0[..])
-                .bind(&v.scanner.scanner)
-                .bind(&v.scanner.engine)
-                .bind(&v.scanner.engine_version)
-                .bind(&v.scanner.ruleset_version)
-                .bind(v.kind.as_str())
-                .bind(&v.threat_name)
-                .bind(&v.detail)
-                .bind(v.scanned_at_unix_ms)
-                .bind(scan_micros)
-                .execute(pool)
-                .await?;
-        });
-        Ok(())
+        self.put_verdicts(std::slice::from_ref(v)).await
     }
 
     /// Stores many verdicts in one transaction, with [`Store::put_verdict`]'s meaning: keyed by
