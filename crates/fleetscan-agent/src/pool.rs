@@ -103,11 +103,12 @@ pub(crate) enum HashError {
 }
 
 /// Hashes the content from offset 0 to its end, reading at most `limit` bytes (one more byte
-/// proves it too large), `buf.len()` bytes at a time.
+/// proves it too large), `buf.len()` bytes at a time; `after_read` runs after every read.
 pub(crate) fn hash_content(
     r: &impl ReadAt,
     limit: u64,
     buf: &mut [u8],
+    mut after_read: impl FnMut(),
 ) -> Result<(Sha256, u64), HashError> {
     let mut h = Sha256Hasher::new();
     let mut offset = 0u64;
@@ -118,6 +119,7 @@ pub(crate) fn hash_content(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(HashError::Io(e)),
         };
+        after_read();
         offset += n as u64;
         if offset > limit {
             return Err(HashError::TooLarge(offset));
@@ -139,21 +141,28 @@ pub(crate) struct Hashed {
 
 /// Hashes `file` and says which version of it was hashed.
 pub(crate) fn hash_version(file: &File, limit: u64, buf: &mut [u8]) -> Result<Hashed, HashError> {
-    let lease = ReadLease::try_acquire(file.as_fd());
+    let mut lease = ReadLease::try_acquire(file.as_fd());
     // Taken with the lease held: no write is under way now, and none can start (an open for
     // writing waits for the lease) until it is dropped below.
     let before = fleetscan_fanotify::statx_fd(file.as_fd()).map_err(HashError::Io)?;
-    let (sha256, len) = hash_content(file, limit, buf)?;
-    let after = fleetscan_fanotify::statx_fd(file.as_fd()).map_err(HashError::Io)?;
-    let same = FileKey::from(&after) == FileKey::from(&before) && len == before.size;
+    let (sha256, len) = hash_content(file, limit, buf, || {
+        // A writer is waiting for the lease: let it go now rather than after the whole hash
+        // (it would wait for us up to the kernel's lease-break-time). The content may change
+        // from here on, so the result will answer this access only.
+        if matches!(&lease, LeaseOutcome::Held(l) if !l.intact()) {
+            lease = LeaseOutcome::Writers;
+        }
+    })?;
     let stable = match &lease {
-        LeaseOutcome::Held(_) => same,
+        // Held throughout: nothing can have changed since `before`.
+        LeaseOutcome::Held(_) => len == before.size,
         LeaseOutcome::Writers => false,
         // No leases on this filesystem: only the identity before and after the read vouches
         // for it, which misses a same-size write that started before the first statx.
         LeaseOutcome::Unsupported(e) => {
             debug!(error = %e, "read lease unsupported, hashing without");
-            same
+            let after = fleetscan_fanotify::statx_fd(file.as_fd()).map_err(HashError::Io)?;
+            FileKey::from(&after) == FileKey::from(&before) && len == before.size
         }
     };
     drop(lease);
@@ -306,7 +315,7 @@ mod tests {
     fn hashes_across_short_reads() {
         let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
         let mut buf = vec![0u8; 4096];
-        let (sha, len) = hash_content(&Mem(data.clone()), 10_000, &mut buf).unwrap();
+        let (sha, len) = hash_content(&Mem(data.clone()), 10_000, &mut buf, || {}).unwrap();
         assert_eq!((sha, len), (Sha256::of(&data), 5000));
     }
 
@@ -314,11 +323,11 @@ mod tests {
     fn too_large_and_unreadable_are_told_apart() {
         let mut buf = vec![0u8; 4096];
         assert!(matches!(
-            hash_content(&Mem(vec![0; 5000]), 4999, &mut buf),
+            hash_content(&Mem(vec![0; 5000]), 4999, &mut buf, || {}),
             Err(HashError::TooLarge(_))
         ));
         assert!(matches!(
-            hash_content(&Broken, 10, &mut buf),
+            hash_content(&Broken, 10, &mut buf, || {}),
             Err(HashError::Io(_))
         ));
     }
