@@ -248,7 +248,7 @@ async fn bad_requests_get_clear_errors_and_the_broker_keeps_serving() {
         .unwrap();
 
     let huge = v1::ScanBytesRequest {
-        data: vec![0u8; 5 * 1024 * 1024],
+        data: vec![0u8; 5 * 1024 * 1024].into(),
         name: "huge".into(),
     };
     let err = scan
@@ -275,7 +275,7 @@ async fn bad_requests_get_clear_errors_and_the_broker_keeps_serving() {
     // Still serving: a voluntary scan of EICAR finds it.
     let resp = scan
         .scan_bytes(v1::ScanBytesRequest {
-            data: EICAR.to_vec(),
+            data: EICAR.to_vec().into(),
             name: "eicar".into(),
         })
         .await

@@ -58,7 +58,9 @@ pub(crate) struct VerdictCache {
     /// `None` until the first broker session says which generation is current.
     generation: Option<u64>,
     /// Shared, so that a hit on the hot path costs a reference count, not three strings.
-    entries: LruCache<FileKey, Arc<CachedDecision>>,
+    /// Keyed by the file's identity and the policy scope the decision was made in (see
+    /// `scope.rs`; always 0 with a single policy).
+    entries: LruCache<(FileKey, u32), Arc<CachedDecision>>,
 }
 
 impl VerdictCache {
@@ -74,10 +76,11 @@ impl VerdictCache {
     }
 
     /// A live entry for `key`; expired entries are dropped on the way.
-    pub fn get(&mut self, key: &FileKey, now: Instant) -> Option<Arc<CachedDecision>> {
-        let hit = self.entries.get(key)?;
+    pub fn get(&mut self, key: &FileKey, scope: u32, now: Instant) -> Option<Arc<CachedDecision>> {
+        let k = (*key, scope);
+        let hit = self.entries.get(&k)?;
         if hit.expires.is_some_and(|t| t <= now) {
-            self.entries.pop(key);
+            self.entries.pop(&k);
             return None;
         }
         Some(hit.clone())
@@ -88,13 +91,14 @@ impl VerdictCache {
     pub fn insert(
         &mut self,
         key: FileKey,
+        scope: u32,
         decision: CachedDecision,
         generation: Option<u64>,
     ) -> bool {
         if generation != self.generation {
             return false;
         }
-        self.entries.put(key, Arc::new(decision));
+        self.entries.put((key, scope), Arc::new(decision));
         true
     }
 
@@ -151,22 +155,22 @@ mod tests {
         let mut c = VerdictCache::new(10);
         c.set_generation(1);
         let now = Instant::now();
-        assert!(c.insert(key(0), allow(), Some(1)));
-        assert_eq!(c.get(&key(0), now).as_deref(), Some(&allow()));
-        assert_eq!(c.get(&key(1), now), None);
+        assert!(c.insert(key(0), 0, allow(), Some(1)));
+        assert_eq!(c.get(&key(0), 0, now).as_deref(), Some(&allow()));
+        assert_eq!(c.get(&key(1), 0, now), None);
     }
 
     #[test]
     fn generation_change_empties_and_refuses_stale_inserts() {
         let mut c = VerdictCache::new(10);
         c.set_generation(1);
-        assert!(c.insert(key(0), allow(), Some(1)));
+        assert!(c.insert(key(0), 0, allow(), Some(1)));
         assert!(!c.set_generation(1), "same generation keeps entries");
         assert_eq!(c.len(), 1);
         assert!(c.set_generation(2));
         assert_eq!(c.len(), 0);
         assert!(
-            !c.insert(key(0), allow(), Some(1)),
+            !c.insert(key(0), 0, allow(), Some(1)),
             "decided under old rules"
         );
         assert_eq!(c.len(), 0);
@@ -178,21 +182,34 @@ mod tests {
         let now = Instant::now();
         let mut d = allow();
         d.expires = Some(now + Duration::from_secs(1));
-        assert!(c.insert(key(0), d, None));
-        assert!(c.get(&key(0), now).is_some());
-        assert!(c.get(&key(0), now + Duration::from_secs(2)).is_none());
+        assert!(c.insert(key(0), 0, d, None));
+        assert!(c.get(&key(0), 0, now).is_some());
+        assert!(c.get(&key(0), 0, now + Duration::from_secs(2)).is_none());
         assert_eq!(c.len(), 0);
+    }
+
+    #[test]
+    fn a_decision_answers_only_its_own_scope() {
+        let mut c = VerdictCache::new(10);
+        let now = Instant::now();
+        assert!(c.insert(key(0), 1, allow(), None));
+        assert!(c.get(&key(0), 1, now).is_some());
+        assert!(
+            c.get(&key(0), 2, now).is_none(),
+            "another tenant's or namespace's policy"
+        );
+        assert!(c.get(&key(0), 0, now).is_none());
     }
 
     #[test]
     fn capacity_evicts_least_recently_used() {
         let mut c = VerdictCache::new(2);
         let now = Instant::now();
-        c.insert(key(0), allow(), None);
-        c.insert(key(1), allow(), None);
-        c.get(&key(0), now);
-        c.insert(key(2), allow(), None);
-        assert!(c.get(&key(0), now).is_some());
-        assert!(c.get(&key(1), now).is_none());
+        c.insert(key(0), 0, allow(), None);
+        c.insert(key(1), 0, allow(), None);
+        c.get(&key(0), 0, now);
+        c.insert(key(2), 0, allow(), None);
+        assert!(c.get(&key(0), 0, now).is_some());
+        assert!(c.get(&key(1), 0, now).is_none());
     }
 }

@@ -32,10 +32,13 @@ use tracing::{info, warn};
 mod cache;
 mod deadline;
 mod mounts;
+mod paths;
 mod pending;
+pub mod pods;
 mod pool;
 mod reader;
 mod reports;
+mod scope;
 mod session;
 mod state;
 mod subject;
@@ -64,6 +67,10 @@ pub struct AgentConfig {
     pub ignore_marks: bool,
     /// Entries of the local verdict cache.
     pub cache_capacity: usize,
+    /// Where pod metadata (name, namespace, labels, images) comes from.
+    pub pods: pods::PodSource,
+    /// How long a pod that went away still resolves, for late events.
+    pub pod_retention: Duration,
 }
 
 impl Default for AgentConfig {
@@ -82,6 +89,8 @@ impl Default for AgentConfig {
             max_file_size: 64 * 1024 * 1024,
             ignore_marks: true,
             cache_capacity: 100_000,
+            pods: pods::PodSource::None,
+            pod_retention: Duration::from_secs(300),
         }
     }
 }
@@ -147,6 +156,8 @@ pub struct StatsSnapshot {
     pub own_pid: u64,
     /// Allowed at once: outside the protected directories, or not a regular file.
     pub unprotected: u64,
+    /// Allowed at once because their policy does not scan them (exec-only opens, exclusions).
+    pub skipped: u64,
     pub cache_hits: u64,
     pub ignore_marks: u64,
     /// Answered by the deadline thread with the fail mode.
@@ -184,6 +195,7 @@ impl Stats {
             events: g(&c.events),
             own_pid: g(&c.own_pid),
             unprotected: g(&c.unprotected),
+            skipped: g(&c.skipped),
             cache_hits: g(&c.cache_hits),
             ignore_marks: g(&c.ignore_marks),
             deadline_expiries: g(&c.deadline_expiries),
@@ -387,6 +399,11 @@ impl Agent {
             // leaves its pending events to the shutdown (allow) instead of the fail mode.
             () = async { shutdown.await; shared.shutting_down.store(true, Ordering::SeqCst) } => {}
             () = session::run(self.shared.clone()) => {}
+            () = pods::run(
+                self.shared.pods.clone(),
+                self.shared.config.pods.clone(),
+                self.shared.config.node.clone(),
+            ) => {}
         }
         // Joining the reader takes up to one poll interval: off the runtime's threads.
         let _ = tokio::task::spawn_blocking(move || self.stop()).await;

@@ -24,8 +24,12 @@ use crate::cache::FileKey;
 pub(crate) struct PendingEvent {
     pub file: Arc<File>,
     pub key: FileKey,
-    /// As the agent sees it (`readlink /proc/self/fd/N`).
+    /// As the agent sees it (`readlink /proc/self/fd/N`) until `path_resolved`; then as the
+    /// opening process sees it.
     pub path: String,
+    pub path_resolved: bool,
+    /// As the host sees it, where it differs from `path` (known once `path_resolved`).
+    pub host_path: String,
     pub kind: AccessKind,
     pub pid: i32,
     pub pidfd: Option<Arc<OwnedFd>>,
@@ -43,6 +47,8 @@ pub(crate) struct PendingEvent {
     /// into an ignore mark. False until hashed, and for a file that had a writer.
     pub stable: bool,
     pub subject: Option<v1::Subject>,
+    /// The policy scope that decides the access (its fail mode, size limit, cache scope).
+    pub scope: Arc<crate::scope::Scope>,
 }
 
 /// Why [`PendingMap::assign`] did not assign.
@@ -142,6 +148,8 @@ mod tests {
                 size: 0,
             },
             path: String::new(),
+            path_resolved: false,
+            host_path: String::new(),
             kind: AccessKind::Open,
             pid: 1,
             pidfd: None,
@@ -152,6 +160,7 @@ mod tests {
             hashed_len: 0,
             stable: false,
             subject: None,
+            scope: crate::scope::Policies::new(fleetscan_core::Policy::default()).single(),
         }
     }
 

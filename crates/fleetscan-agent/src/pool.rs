@@ -181,13 +181,20 @@ fn process(shared: &Shared, id: u64, buf: &mut [u8]) {
     else {
         return; // Answered meanwhile (deadline).
     };
-    let policy = shared.policy();
+    let Some((scope, resolved)) = shared
+        .pending
+        .with(id, |ev| (ev.scope.clone(), ev.subject.clone()))
+    else {
+        return;
+    };
+    let policy = &scope.policy;
     let oversize = |size: u64| {
         if let Some(ev) = shared.pending.take(id) {
             bump(&shared.counters.oversize);
             let outcome = policy.oversize(size);
             let ctx = ReportCtx {
                 path: &ev.path,
+                descriptor_path: !ev.path_resolved,
                 kind: Some(ev.kind),
                 pid: ev.pid,
                 pidfd: ev.pidfd.as_deref(),
@@ -201,7 +208,32 @@ fn process(shared: &Shared, id: u64, buf: &mut [u8]) {
         return;
     }
     let pidfd = shared.pending.with(id, |ev| ev.pidfd.clone()).flatten();
-    let subject = crate::subject::resolve(pid, pidfd.as_deref());
+    let subject = resolved.unwrap_or_else(|| shared.subject(pid, pidfd.as_deref()));
+    // The opener's view of the path, and the host's (attribution helper, issue 4).
+    let paths = shared.pending.with(id, |ev| ev.path.clone()).map(|seen| {
+        crate::paths::resolve(
+            file.as_fd(),
+            std::path::Path::new(&seen),
+            pid,
+            pidfd.as_deref(),
+        )
+    });
+    if let Some(p) = &paths {
+        shared.pending.with(id, |ev| {
+            ev.path.clone_from(&p.path);
+            ev.host_path.clone_from(&p.host_path);
+            ev.path_resolved = true;
+        });
+    }
+    // Path exclusions are judged on the path as the opening process sees it.
+    if let Some(p) = &paths
+        && let Some(why) = scope.skip_path(&p.path)
+    {
+        if let Some(ev) = shared.pending.take(id) {
+            crate::reader::skipped(shared, &ev.file, &why);
+        }
+        return;
+    }
     let hashed = match hash_version(file.as_ref(), policy.max_file_size, buf) {
         Ok(r) => r,
         Err(HashError::TooLarge(size)) => {
@@ -252,7 +284,7 @@ fn process(shared: &Shared, id: u64, buf: &mut [u8]) {
             size: len,
             subject: Some(subject),
             path: ev.path.clone(),
-            host_path: String::new(),
+            host_path: paths.map(|p| p.host_path).unwrap_or_default(),
             kind: convert::access_kind_to_proto(ev.kind).into(),
             deadline_ms: u32::try_from(
                 ev.deadline

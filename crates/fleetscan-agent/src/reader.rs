@@ -168,8 +168,17 @@ fn handle(shared: &Shared, mounts: &mut MountTable, pool: &HashPool, ev: Event) 
     // a cached denial, or a miss, goes on to decide "protected" by the path relative to the
     // filesystem's root (invariant 3): a denial must not reach a file outside the protected
     // set through a hard link, and a miss must not be scanned (or wait) if unprotected.
+    //
+    // The policy scope comes before the cache: with one policy it is known at once; with
+    // several (tenants, namespace overrides) the process is looked at first, since a decision
+    // holds only within the scope it was made in.
+    let (scope, subject) = shared.scope_of(pid, pidfd.as_ref());
+    if let Some(why) = scope.skip_early(kind, subject.as_ref().unwrap_or(&NOBODY)) {
+        skipped(shared, &file, &why);
+        return;
+    }
     let key = FileKey::from(&st);
-    let hit = shared.cached(&key);
+    let hit = shared.cached(&key, scope.id);
     if let Some(hit) = &hit
         && hit.action == fleetscan_core::Action::Allow
     {
@@ -177,7 +186,7 @@ fn handle(shared: &Shared, mounts: &mut MountTable, pool: &HashPool, ev: Event) 
         bump(&shared.counters.cache_hits);
         shared.reports.count_allowed();
         if hit.ignorable {
-            shared.refresh_ignore_mark(&file, &key);
+            shared.refresh_ignore_mark(&file, &key, scope.id);
         }
         return;
     }
@@ -204,35 +213,47 @@ fn handle(shared: &Shared, mounts: &mut MountTable, pool: &HashPool, ev: Event) 
         };
         let ctx = ReportCtx {
             path: &path,
+            descriptor_path: true,
             kind: Some(kind),
             sha256: hit.sha256.clone(),
             threat_name: hit.threat_name.clone(),
             pid,
             pidfd: pidfd.as_ref(),
-            subject: None,
+            subject,
+            host_path: String::new(),
         };
         shared.conclude(&file, &outcome, v1::LocalReason::Cached, ctx, false);
         return;
     }
     if !shared.broker_connected() {
         bump(&shared.counters.no_broker);
-        let outcome = shared.policy().on_failure("no broker connected");
+        let outcome = scope.policy.on_failure("no broker connected");
         let ctx = ReportCtx {
             path: &path,
+            descriptor_path: true,
             kind: Some(kind),
             pid,
             pidfd: pidfd.as_ref(),
+            subject,
             ..Default::default()
         };
         shared.conclude(&file, &outcome, v1::LocalReason::NoBroker, ctx, false);
         return;
     }
     if shared.pending.len() >= shared.tuning.max_pending {
-        overloaded(shared, &file, &path, kind, pid, pidfd.as_ref());
+        overloaded(
+            shared,
+            &file,
+            &path,
+            kind,
+            pid,
+            pidfd.as_ref(),
+            &scope.policy,
+        );
         return;
     }
     let id = shared.next_id();
-    let deadline = Instant::now() + shared.deadline();
+    let deadline = Instant::now() + scope.policy.decision_deadline;
     let file = Arc::new(file);
     shared.pending.insert(
         id,
@@ -240,6 +261,8 @@ fn handle(shared: &Shared, mounts: &mut MountTable, pool: &HashPool, ev: Event) 
             file: file.clone(),
             key,
             path: path.into_owned(),
+            path_resolved: false,
+            host_path: String::new(),
             kind,
             pid,
             pidfd: pidfd.map(Arc::new),
@@ -249,7 +272,8 @@ fn handle(shared: &Shared, mounts: &mut MountTable, pool: &HashPool, ev: Event) 
             sha256: None,
             hashed_len: 0,
             stable: false,
-            subject: None,
+            subject,
+            scope,
         },
     );
     shared.deadlines.push(deadline, id);
@@ -268,15 +292,41 @@ fn overloaded(
     kind: AccessKind,
     pid: i32,
     pidfd: Option<&std::os::fd::OwnedFd>,
+    policy: &fleetscan_core::Policy,
 ) {
     bump(&shared.counters.overloaded);
-    let outcome = shared.policy().on_failure("too many accesses pending");
+    let outcome = policy.on_failure("too many accesses pending");
     let ctx = ReportCtx {
         path,
+        descriptor_path: true,
         kind: Some(kind),
         pid,
         pidfd,
         ..Default::default()
     };
     shared.conclude(file, &outcome, v1::LocalReason::Deadline, ctx, true);
+}
+
+/// The subject of an access whose process was not looked at (one policy, no rule by image or
+/// namespace): it matches no such rule.
+static NOBODY: v1::Subject = v1::Subject {
+    pid: 0,
+    ns_pid: 0,
+    uid: 0,
+    exe: String::new(),
+    cgroup: String::new(),
+    container_id: String::new(),
+    pod_uid: String::new(),
+    k8s_namespace: String::new(),
+    tenant: String::new(),
+    image: String::new(),
+};
+
+/// An access its policy does not scan (exec-only, an exclusion): allowed at once and counted,
+/// never reported one by one nor cached (another scope may have to scan the same file).
+pub(crate) fn skipped(shared: &Shared, file: &File, why: &str) {
+    shared.answer(file, fleetscan_core::Action::Allow);
+    bump(&shared.counters.skipped);
+    shared.reports.count_allowed();
+    tracing::trace!(why, "access not scanned by policy");
 }

@@ -222,6 +222,9 @@ async fn session(shared: &Arc<Shared>, url: &str) -> Result<(), SessionError> {
     if shared.group.reports_pidfd() {
         capabilities.push("pidfd".to_string());
     }
+    // Decisions are cached per policy scope (tenant, namespace overrides): the broker may send
+    // cacheable decisions while several policies are in force.
+    capabilities.push("scoped-cache".to_string());
     let hello = v1::AgentHello {
         node: shared.config.node.clone(),
         cluster: shared.config.cluster.clone(),
@@ -368,6 +371,9 @@ fn handle(
             if let Some(p) = u.policy {
                 shared.set_policy(p.into(), false);
             }
+            if let Some(set) = u.policy_set {
+                shared.set_policy_set(set.into());
+            }
         }
         In::Flush(f) => shared.flush(f.verdict_generation, &f.reason),
         In::Accepted(a) => apply_accepted(shared, &a),
@@ -486,7 +492,7 @@ async fn upload(
         let chunk = v1::ContentChunk {
             request_id: id,
             offset,
-            data,
+            data: data.into(),
             last,
         };
         if content_tx.send(msg(Out::Content(chunk))).await.is_err() {

@@ -20,7 +20,9 @@ use crate::cache::{CachedDecision, FileKey, VerdictCache};
 use crate::deadline::DeadlineQueue;
 use crate::mounts::Protection;
 use crate::pending::{PendingEvent, PendingMap};
+use crate::pods::PodDirectory;
 use crate::reports::ReportQueue;
+use crate::scope::{Policies, Scope};
 use crate::{AgentConfig, AgentTuning, subject};
 
 /// Counters behind [`crate::Stats`].
@@ -29,6 +31,8 @@ pub(crate) struct Counters {
     pub events: AtomicU64,
     pub own_pid: AtomicU64,
     pub unprotected: AtomicU64,
+    /// Accesses their policy does not scan (exec-only opens, exclusions).
+    pub skipped: AtomicU64,
     pub cache_hits: AtomicU64,
     pub ignore_marks: AtomicU64,
     pub deadline_expiries: AtomicU64,
@@ -63,6 +67,11 @@ pub(crate) struct SessionLink {
 #[derive(Debug, Default)]
 pub(crate) struct ReportCtx<'a> {
     pub path: &'a str,
+    /// `path` is what the event's descriptor reads as: the report gets the opener's view
+    /// (worked out after the kernel has its answer).
+    pub descriptor_path: bool,
+    /// The host's view, where it differs (when `path` is already the opener's).
+    pub host_path: String,
     pub kind: Option<AccessKind>,
     pub sha256: String,
     pub threat_name: String,
@@ -78,7 +87,13 @@ pub(crate) struct Shared {
     pub tuning: AgentTuning,
     pub own_pid: i32,
     pub protection: Protection,
+    /// Pod metadata, filled by [`crate::pods::run`].
+    pub pods: Arc<PodDirectory>,
+    /// The session's policy (the operator's): until a policy set says more, and for failures
+    /// before an access's scope is known.
     policy: RwLock<Policy>,
+    /// The broker's policy set, as scopes.
+    policies: RwLock<Policies>,
     /// The verdict cache; its lock also orders ignore-mark placement against flushes.
     cache: Mutex<VerdictCache>,
     pub pending: PendingMap,
@@ -115,7 +130,9 @@ impl Shared {
             group,
             own_pid: i32::try_from(std::process::id()).expect("pid fits i32"),
             protection,
+            pods: PodDirectory::new(config.pod_retention),
             policy: RwLock::new(policy.clone()),
+            policies: RwLock::new(Policies::new(policy.clone())),
             cache: Mutex::new(cache),
             pending: PendingMap::default(),
             deadlines: DeadlineQueue::new(),
@@ -130,8 +147,74 @@ impl Shared {
             tuning,
         };
         let effective = s.effective(policy);
+        *s.policies.get_mut() = Policies::new(effective.clone());
         *s.policy.get_mut() = effective;
         s
+    }
+
+    /// Who made an access: what `/proc` says of the process, and what the pod directory
+    /// knows of its pod.
+    pub fn subject(&self, pid: i32, pidfd: Option<&std::os::fd::OwnedFd>) -> v1::Subject {
+        self.attribute(pid, pidfd).0
+    }
+
+    /// [`Shared::subject`], with the tenant filled in, and the scope whose policy decides
+    /// the process's accesses.
+    pub fn attribute(
+        &self,
+        pid: i32,
+        pidfd: Option<&std::os::fd::OwnedFd>,
+    ) -> (v1::Subject, Arc<Scope>) {
+        let mut s = subject::resolve(pid, pidfd);
+        self.pods.enrich(&mut s);
+        let policies = self.policies.read();
+        let labelled = policies
+            .namespace_label()
+            .and_then(|label| self.pods.namespace_label(&s.k8s_namespace, label))
+            .unwrap_or_default();
+        let scope = policies.scope(&mut s, &labelled);
+        (s, scope)
+    }
+
+    /// The scope of an access, and its subject when finding the scope needed it (several
+    /// policies in force, or rules by image or namespace). With one policy this costs nothing.
+    pub fn scope_of(
+        &self,
+        pid: i32,
+        pidfd: Option<&std::os::fd::OwnedFd>,
+    ) -> (Arc<Scope>, Option<v1::Subject>) {
+        if !self.policies.read().needs_subject() {
+            return (self.policies.read().single(), None);
+        }
+        let (s, scope) = self.attribute(pid, pidfd);
+        (scope, Some(s))
+    }
+
+    /// Whether decisions are scoped by policy (several in force): no ignore marks then.
+    pub fn scoped(&self) -> bool {
+        self.policies.read().multi()
+    }
+
+    /// Adopts the broker's policy set if it is newer than the one in force. Decisions cached
+    /// under the old scopes, and their ignore marks, are dropped.
+    pub fn set_policy_set(&self, set: fleetscan_core::tenancy::PolicySet) {
+        let version = set.version;
+        let session = self.policy();
+        // Under the cache lock, as every cache insert and mark: none of the old scopes'
+        // decisions can be stored once the new set is in force.
+        let mut c = self.cache.lock();
+        {
+            let mut cur = self.policies.write();
+            if version <= cur.version() {
+                debug!(version, current = cur.version(), "older policy set ignored");
+                return;
+            }
+            *cur = Policies::with_set(set, session, |p| self.effective(p));
+            info!(version, multi = cur.multi(), "policy set applied");
+        }
+        c.clear();
+        self.flush_marks();
+        bump(&self.counters.flushes);
     }
 
     pub fn next_id(&self) -> u64 {
@@ -145,10 +228,6 @@ impl Shared {
     /// The policy in force, its deadline already the effective one.
     pub fn policy(&self) -> Policy {
         self.policy.read().clone()
-    }
-
-    pub fn deadline(&self) -> Duration {
-        self.policy.read().decision_deadline
     }
 
     fn effective(&self, mut p: Policy) -> Policy {
@@ -183,6 +262,7 @@ impl Shared {
                 "policy applied"
             );
         }
+        self.policies.write().set_session_policy(p.clone());
         *cur = p;
     }
 
@@ -215,7 +295,18 @@ impl Shared {
         }
         let subject = ctx
             .subject
-            .unwrap_or_else(|| subject::resolve(ctx.pid, ctx.pidfd));
+            .unwrap_or_else(|| self.subject(ctx.pid, ctx.pidfd));
+        let (path, host_path) = if ctx.descriptor_path && !ctx.path.is_empty() {
+            let p = crate::paths::resolve(
+                file.as_fd(),
+                std::path::Path::new(ctx.path),
+                ctx.pid,
+                ctx.pidfd,
+            );
+            (p.path, p.host_path)
+        } else {
+            (ctx.path.to_string(), ctx.host_path)
+        };
         let threat_name = if ctx.threat_name.is_empty() {
             outcome.reason.clone()
         } else {
@@ -227,11 +318,12 @@ impl Shared {
             reason: reason.into(),
             sha256: ctx.sha256,
             subject: Some(subject),
-            path: ctx.path.to_string(),
+            path,
             kind: convert::access_kind_to_proto(ctx.kind.unwrap_or(AccessKind::Open)).into(),
             threat_name,
             allowed_count: 0,
             dropped_reports: 0,
+            host_path,
         });
         self.counters
             .reports_dropped
@@ -247,9 +339,11 @@ impl Shared {
 
     /// Answers a pending event (already taken out of the map) with the failure outcome.
     pub fn fail_pending(&self, ev: PendingEvent, why: &str, reason: v1::LocalReason) {
-        let outcome = self.policy().on_failure(why);
+        let outcome = ev.scope.policy.on_failure(why);
         let ctx = ReportCtx {
             path: &ev.path,
+            descriptor_path: !ev.path_resolved,
+            host_path: ev.host_path.clone(),
             kind: Some(ev.kind),
             sha256: ev.sha256.map(|s| s.to_hex()).unwrap_or_default(),
             threat_name: String::new(),
@@ -283,9 +377,9 @@ impl Shared {
         }
     }
 
-    /// A cached decision for `key`, if any.
-    pub fn cached(&self, key: &FileKey) -> Option<Arc<CachedDecision>> {
-        self.cache.lock().get(key, Instant::now())
+    /// A cached decision for `key` in `scope`, if any.
+    pub fn cached(&self, key: &FileKey, scope: u32) -> Option<Arc<CachedDecision>> {
+        self.cache.lock().get(key, scope, Instant::now())
     }
 
     pub fn generation(&self) -> Option<u64> {
@@ -327,9 +421,17 @@ impl Shared {
             debug!(path = %ev.path, "file had a writer while hashed, decision not cached");
             return;
         }
-        let mark = decision.ignorable && self.config.ignore_marks;
         let mut c = self.cache.lock();
-        if !c.insert(ev.key, decision, ev.generation) {
+        let (set_version, scoped) = {
+            let p = self.policies.read();
+            (p.version(), p.multi())
+        };
+        if ev.scope.set_version != set_version {
+            debug!(path = %ev.path, "policy set changed while asking, decision not cached");
+            return;
+        }
+        let mark = decision.ignorable && self.config.ignore_marks && !scoped;
+        if !c.insert(ev.key, ev.scope.id, decision, ev.generation) {
             return;
         }
         bump(&self.counters.decisions_cached);
@@ -371,12 +473,17 @@ impl Shared {
     /// Re-places the mark for a cached clean decision (evictable marks vanish when the kernel
     /// evicts the inode), under the cache lock and only while the entry is still there, so
     /// that a flush cannot interleave.
-    pub fn refresh_ignore_mark(&self, file: &File, key: &FileKey) {
+    pub fn refresh_ignore_mark(&self, file: &File, key: &FileKey, scope: u32) {
         if !self.config.ignore_marks {
             return;
         }
         let mut c = self.cache.lock();
-        if c.get(key, Instant::now()).is_some_and(|d| d.ignorable) {
+        if self.scoped() {
+            return;
+        }
+        if c.get(key, scope, Instant::now())
+            .is_some_and(|d| d.ignorable)
+        {
             self.place_ignore_mark(file, key);
         }
     }

@@ -237,7 +237,7 @@ async fn judge(url: &str, n: usize) -> anyhow::Result<Vec<v1::AgentMessage>> {
         let size = data.len() as u64;
         let response = scan
             .scan_bytes(v1::ScanBytesRequest {
-                data,
+                data: data.into(),
                 name: String::new(),
             })
             .await

@@ -1,5 +1,7 @@
 //! `AdminService`: read-only views of recorded events, verdicts, hosts, workers and counters.
-//! Scoped to the default tenant until callers are authenticated; never writes.
+//! Recorded events are those of the tenant the call names in its `fleetscan-tenant` metadata
+//! ([`TENANT_HEADER`]; the fleet operator's when absent); everything else is the operator's.
+//! Until callers are authenticated the header is trusted, as the whole API is. Never writes.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -13,6 +15,22 @@ use tracing::warn;
 use crate::engine::Engine;
 use crate::error::BrokerError;
 use crate::stats::get;
+
+/// The gRPC metadata key naming the tenant a call acts for.
+pub const TENANT_HEADER: &str = "fleetscan-tenant";
+
+/// The tenant a call acts for: its [`TENANT_HEADER`], else the fleet operator's.
+fn acting_tenant<T>(request: &Request<T>) -> Result<String, BrokerError> {
+    let Some(v) = request.metadata().get(TENANT_HEADER) else {
+        return Ok(DEFAULT_TENANT.to_owned());
+    };
+    let t = v
+        .to_str()
+        .map_err(|_| BrokerError::InvalidArgument(format!("{TENANT_HEADER} is not text")))?;
+    fleetscan_core::tenancy::check_name("tenant", t)
+        .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
+    Ok(t.to_owned())
+}
 
 /// Events per page when the request does not say.
 const DEFAULT_PAGE: u32 = 100;
@@ -31,6 +49,7 @@ impl v1::admin_service_server::AdminService for AdminSvc {
         &self,
         request: Request<v1::ListEventsRequest>,
     ) -> Result<Response<v1::ListEventsResponse>, Status> {
+        let tenant = acting_tenant(&request)?;
         let r = request.into_inner();
         let limit = if r.limit == 0 {
             DEFAULT_PAGE
@@ -38,7 +57,7 @@ impl v1::admin_service_server::AdminService for AdminSvc {
             r.limit.min(MAX_LIST_LIMIT)
         };
         let filter = AccessFilter {
-            tenant: DEFAULT_TENANT.to_owned(),
+            tenant,
             node: (!r.node.is_empty()).then_some(r.node),
             action: convert::action_from_proto(r.action),
             sha256: if r.sha256.is_empty() {
@@ -77,6 +96,13 @@ impl v1::admin_service_server::AdminService for AdminSvc {
                 exe: a.exe,
                 decided_by: a.decided_by.as_str().to_owned(),
                 tenant: a.tenant,
+                ns_pid: a.context.ns_pid,
+                cgroup: a.context.cgroup,
+                container_id: a.context.container_id,
+                pod_uid: a.context.pod_uid,
+                k8s_namespace: a.context.namespace,
+                image: a.context.image,
+                host_path: a.context.host_path,
             })
             .collect();
         Ok(Response::new(v1::ListEventsResponse {
@@ -179,7 +205,10 @@ impl v1::admin_service_server::AdminService for AdminSvc {
             denied: get(&s.denied),
             verdicts_stored: stored.verdicts,
             events_stored: stored.accesses,
-            records_lost: engine.writer.records_lost(),
+            records_lost: engine.writer.records_lost()
+                + engine
+                    .private_verdicts_lost
+                    .load(std::sync::atomic::Ordering::Relaxed),
             write_backlog: engine.writer.backlog(),
             oversize: get(&s.oversize),
             scan_errors: get(&s.scan_errors),

@@ -7,6 +7,11 @@
 //! the decision is sent, through the write-behind queue; the stream's reader never waits on the
 //! store.
 //!
+//! Each access is decided by the policy of its tenant and namespace (the tenant comes from the
+//! namespace, by the broker's mapping or the label the agent read; host processes are the fleet
+//! operator's), with the verdicts of every pool that policy requires. The session's agent is
+//! sent the whole policy set right after `SessionAccepted` and again on every new version.
+//!
 //! The cached path (known content, the fleet's steady state) is the hot one: it must never
 //! spawn, await the store, or build a record for an allowed access (those are only counted).
 //! Requests that arrive together are decided together before the reader yields, so that their
@@ -19,7 +24,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
-use fleetscan_core::{AccessRecord, Action, DecidedBy, Sha256, Verdict, now_unix_ms};
+use fleetscan_core::tenancy::EffectivePolicy;
+use fleetscan_core::{
+    AccessRecord, Action, DecidedBy, PoolKey, Sha256, Tenancy, Verdict, now_unix_ms,
+};
 use fleetscan_proto::convert;
 use fleetscan_proto::v1::{self, agent_message, broker_message};
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -28,11 +36,10 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
+use crate::cache::IdentityId;
 use crate::content::{AgentLink, ContentEvent, ContentSource};
 use crate::decide::{self, Decided, Resolution};
-use crate::engine::{
-    DEFAULT_POOL, Engine, Lookup, Pending, SessionInfo, stopped, tenant_or_default,
-};
+use crate::engine::{Engine, Pending, PoolLookup, SessionInfo, stopped, tenant_or_default};
 use crate::error::BrokerError;
 use crate::stats::{add, bump};
 use crate::writer::{HostSeen, WriteOp};
@@ -43,6 +50,12 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HEARTBEAT_PERIOD: Duration = Duration::from_secs(10);
 /// How often a session refreshes its host row and flushes its counters.
 const HOST_PERIOD: Duration = Duration::from_secs(60);
+/// The capability of an agent that keys its cached decisions by tenant and namespace policy
+/// (and sets kernel ignore marks only for decisions that hold for every policy). Without it,
+/// when more than one policy is in force, no decision may be cached: a file allowed for one
+/// namespace (audit-only, another tenant's clean verdict) could otherwise be allowed from the
+/// cache for another that must deny it.
+pub const SCOPED_CACHE_CAPABILITY: &str = "scoped-cache";
 /// Messages queued towards one agent; when full, the session's reader waits for the agent.
 const OUTBOUND: usize = 1024;
 /// Requests of one session waiting for a scan at once; beyond, the fail mode answers at once.
@@ -69,6 +82,8 @@ struct Session {
     node: String,
     cluster: String,
     agent_version: String,
+    /// The agent keys its cache by policy ([`SCOPED_CACHE_CAPABILITY`]).
+    scoped_cache: bool,
     link: Arc<AgentLink>,
     /// Accesses allowed and denied since the host counters were last flushed.
     allowed: AtomicU64,
@@ -122,6 +137,10 @@ impl v1::agent_service_server::AgentService for AgentSvc {
             node: hello.node.clone(),
             cluster: hello.cluster,
             agent_version: hello.agent_version,
+            scoped_cache: hello
+                .capabilities
+                .iter()
+                .any(|c| c == SCOPED_CACHE_CAPABILITY),
             link: Arc::new(AgentLink::new(hello.node, tx.clone())),
             allowed: AtomicU64::new(0),
             denied: AtomicU64::new(0),
@@ -129,13 +148,18 @@ impl v1::agent_service_server::AgentService for AgentSvc {
         });
         let mut generation = engine.generation.subscribe();
         let verdict_generation = *generation.borrow_and_update();
+        let mut policies = engine.tenancy.subscribe();
+        let tenancy = policies.borrow_and_update().clone();
         let accepted = v1::BrokerMessage {
             msg: Some(broker_message::Msg::Accepted(v1::SessionAccepted {
                 broker_id: engine.config.broker_id.clone(),
-                policy: Some(engine.policy(&session.tenant).into()),
+                policy: Some((&tenancy.resolve(&session.tenant, "").policy).into()),
                 verdict_generation,
             })),
         };
+        // The policy set goes out right after SessionAccepted, before any decision: the queue
+        // is empty, so this cannot fail.
+        let _ = tx.try_send(Ok(policy_update(&tenancy, &session.tenant)));
         drop(tx);
         engine.sessions.lock().insert(
             session.id,
@@ -148,8 +172,19 @@ impl v1::agent_service_server::AgentService for AgentSvc {
         info!(node = %session.node, tenant = %session.tenant, cluster = %session.cluster, agent_version = %session.agent_version, "agent connected");
         let stop = engine.stop.clone();
         let outbound = outbound(accepted, rx, generation, stop.clone());
-        tokio::spawn(read_loop(engine, session, inbound, stop));
+        tokio::spawn(read_loop(engine, session, inbound, policies, stop));
         Ok(Response::new(outbound))
+    }
+}
+
+/// The policy set for an agent of `tenant`, with that tenant's own policy (what agents that
+/// predate policy sets apply to everything).
+fn policy_update(tenancy: &Tenancy, tenant: &str) -> v1::BrokerMessage {
+    v1::BrokerMessage {
+        msg: Some(broker_message::Msg::Policy(v1::PolicyUpdate {
+            policy: Some((&tenancy.resolve(tenant, "").policy).into()),
+            policy_set: Some((&tenancy.policy_set()).into()),
+        })),
     }
 }
 
@@ -231,6 +266,7 @@ async fn read_loop(
     engine: Arc<Engine>,
     session: Arc<Session>,
     mut inbound: Streaming<v1::AgentMessage>,
+    mut policies: watch::Receiver<Arc<Tenancy>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut host_tick = tokio::time::interval_at(Instant::now() + HOST_PERIOD, HOST_PERIOD);
@@ -239,6 +275,16 @@ async fn read_loop(
             biased;
             () = stopped(&mut stop) => break,
             _ = session.link.tx.closed() => break,
+            changed = policies.changed() => {
+                if changed.is_err() {
+                    break; // The engine is gone.
+                }
+                let tenancy = policies.borrow_and_update().clone();
+                info!(node = %session.node, version = tenancy.version(), "sending a new policy set");
+                if session.link.tx.send(Ok(policy_update(&tenancy, &session.tenant))).await.is_err() {
+                    break;
+                }
+            }
             _ = host_tick.tick() => {
                 session.host_seen(&engine);
                 session.flush_counts(&engine);
@@ -331,29 +377,92 @@ async fn handle(engine: &Arc<Engine>, session: &Arc<Session>, message: v1::Agent
 }
 
 /// How long the broker waits for a request: the agent's deadline, or the policy's.
-fn request_deadline(request: &v1::AccessRequest, engine: &Engine, tenant: &str) -> Duration {
+fn request_deadline(request: &v1::AccessRequest, policy: &EffectivePolicy) -> Duration {
     if request.deadline_ms == 0 {
-        engine.policy(tenant).effective_deadline()
+        policy.policy.effective_deadline()
     } else {
         Duration::from_millis(u64::from(request.deadline_ms)).min(MAX_REQUEST_DEADLINE)
     }
 }
 
+/// The namespace, the tenant the agent read from its label, and the image of an access's
+/// subject (empty when unknown, or for a host process).
+fn attribution(subject: Option<&v1::Subject>) -> (&str, &str, &str) {
+    subject.map_or(("", "", ""), |s| {
+        (
+            s.k8s_namespace.as_str(),
+            s.tenant.as_str(),
+            s.image.as_str(),
+        )
+    })
+}
+
+/// The policy in force for an access (its tenant's, or its namespace's within the tenant).
+fn effective_for(engine: &Engine, subject: Option<&v1::Subject>) -> Arc<EffectivePolicy> {
+    let (namespace, labelled, _) = attribution(subject);
+    let tenancy = engine.tenancy.borrow();
+    tenancy.resolve(tenancy.tenant_of(namespace, labelled), namespace)
+}
+
+fn pool_lookup(
+    session: &Session,
+    request: &v1::AccessRequest,
+    sha256: Sha256,
+    effective: &EffectivePolicy,
+    pool: &PoolKey,
+) -> PoolLookup {
+    PoolLookup {
+        sha256,
+        size: request.size,
+        tenant: effective.tenant.clone(),
+        pool: pool.key(),
+        max_file_size: effective.policy.max_file_size,
+        path_hint: request.path.clone(),
+        source: ContentSource::Agent {
+            link: session.link.clone(),
+            request_id: request.request_id,
+            size: request.size,
+        },
+    }
+}
+
 async fn access(engine: &Arc<Engine>, session: &Arc<Session>, mut request: v1::AccessRequest) {
-    let policy = engine.policy(&session.tenant);
+    let effective = effective_for(engine, request.subject.as_ref());
+    let tenant = effective.tenant.as_str();
+    let policy = &effective.policy;
+    {
+        let (namespace, _, image) = attribution(request.subject.as_ref());
+        let path = if request.path.is_empty() {
+            &request.host_path
+        } else {
+            &request.path
+        };
+        let kind = convert::access_kind_from_proto(request.kind);
+        if let Some(why) = effective.skip(kind, path, image, namespace) {
+            let decided = decide::skipped(why);
+            session
+                .decide(engine, &request, tenant, None, decided, Vec::new())
+                .await;
+            return;
+        }
+    }
     let (sha256, canonical) = match parse_canonical_sha256(&request.sha256) {
         Some(sha256) => (sha256, true),
         None => match convert::sha256("sha256", &request.sha256) {
             Ok(sha256) => (sha256, false),
             Err(e) => {
                 let decided = decide::fail(policy, format!("invalid request: {e}"));
-                session.decide(engine, &request, None, decided, None).await;
+                session
+                    .decide(engine, &request, tenant, None, decided, Vec::new())
+                    .await;
                 return;
             }
         },
     };
-    // The hot path: known content of the pool's current identity, no store, no spawn.
-    if let Some(verdict) = engine.cached(&sha256, DEFAULT_POOL) {
+    // The hot path: known content of the pools' current identities, no store, no spawn.
+    if let [pool] = effective.pools.as_slice()
+        && let Some(verdict) = engine.cached_in(&sha256, pool)
+    {
         bump(&engine.stats.cache_hits);
         let decided = decide::decide(policy, &Resolution::Verdict(verdict.clone()));
         // The request's digest is the verdict's, already in canonical form: echo it rather
@@ -365,65 +474,121 @@ async fn access(engine: &Arc<Engine>, session: &Arc<Session>, mut request: v1::A
         };
         let verdict = verdict_to_proto(&verdict, hex);
         session
-            .decide(engine, &request, Some(sha256), decided, Some(verdict))
+            .decide(
+                engine,
+                &request,
+                tenant,
+                Some(sha256),
+                decided,
+                vec![verdict],
+            )
             .await;
         return;
+    }
+    if effective.pools.len() > 1 {
+        let cached: Option<Vec<Arc<Verdict>>> = effective
+            .pools
+            .iter()
+            .map(|pool| engine.cached_in(&sha256, pool))
+            .collect();
+        if let Some(cached) = cached {
+            bump(&engine.stats.cache_hits);
+            let resolutions: Vec<Resolution> =
+                cached.into_iter().map(Resolution::Verdict).collect();
+            let decided = decide::decide_all(policy, &resolutions);
+            let verdicts = resolutions.iter().filter_map(verdict_of).collect();
+            session
+                .decide(engine, &request, tenant, Some(sha256), decided, verdicts)
+                .await;
+            return;
+        }
     }
     let Ok(permit) = session.pending.clone().try_acquire_owned() else {
         let decided = decide::fail(policy, "broker overloaded: too many pending requests");
         session
-            .decide(engine, &request, Some(sha256), decided, None)
+            .decide(engine, &request, tenant, Some(sha256), decided, Vec::new())
             .await;
         return;
     };
-    let deadline = Instant::now() + request_deadline(&request, engine, &session.tenant);
-    let (identity, pending) = engine.resolve(Lookup {
-        sha256,
-        size: request.size,
-        tenant: session.tenant.clone(),
-        pool: DEFAULT_POOL,
-        path_hint: request.path.clone(),
-        source: ContentSource::Agent {
-            link: session.link.clone(),
-            request_id: request.request_id,
-            size: request.size,
-        },
-    });
-    match pending {
-        Pending::Ready(resolution) => {
-            drop(permit);
-            let decided = decide::decide(policy, &resolution);
-            let verdict = verdict_of(&resolution);
-            session
-                .decide(engine, &request, Some(sha256), decided, verdict)
-                .await;
+    let deadline = Instant::now() + request_deadline(&request, &effective);
+    // The pools are asked one after another: a flight that needs the content asks the agent
+    // for it under this request's id, and one id carries one upload at a time.
+    let mut resolutions = Vec::with_capacity(effective.pools.len());
+    let mut identities: Vec<(PoolKey, Option<IdentityId>)> =
+        Vec::with_capacity(effective.pools.len());
+    let mut waiting = None;
+    for (i, pool) in effective.pools.iter().enumerate() {
+        let (identity, pending) =
+            engine.resolve_in(pool_lookup(session, &request, sha256, &effective, pool));
+        identities.push((pool.clone(), identity));
+        match pending {
+            Pending::Ready(resolution) => resolutions.push(resolution),
+            Pending::Wait(waiter) => {
+                waiting = Some((waiter, i + 1));
+                break;
+            }
         }
-        Pending::Wait(waiter) => {
-            let engine = engine.clone();
-            let session = session.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                let Ok(resolution) = tokio::time::timeout_at(deadline, waiter.wait()).await else {
+    }
+    let Some((waiter, mut next)) = waiting else {
+        drop(permit);
+        let decided = decide::decide_all(policy, &resolutions);
+        let verdicts = resolutions.iter().filter_map(verdict_of).collect();
+        session
+            .decide(engine, &request, tenant, Some(sha256), decided, verdicts)
+            .await;
+        return;
+    };
+    let engine = engine.clone();
+    let session = session.clone();
+    let effective = effective.clone();
+    tokio::spawn(async move {
+        let _permit = permit;
+        let mut waiter = Some(waiter);
+        loop {
+            if let Some(w) = waiter.take() {
+                let Ok(resolution) = tokio::time::timeout_at(deadline, w.wait()).await else {
                     // The agent answers the kernel with its fail mode and reports it; the scan
                     // goes on and its verdict serves the next request.
                     debug!(node = %session.node, request_id = request.request_id, sha256 = %sha256, "decision deadline passed");
                     return;
                 };
-                let resolution =
-                    resolution.unwrap_or_else(|| Resolution::Failed("scan abandoned".into()));
-                let mut decided = decide::decide(engine.policy(&session.tenant), &resolution);
-                if engine.current(DEFAULT_POOL).map(|c| c.id) != identity {
-                    // The rules changed during the scan: answer, but let no agent keep it.
-                    decided.cacheable = false;
-                    decided.ttl_seconds = 0;
-                }
-                let verdict = verdict_of(&resolution);
-                session
-                    .decide(&engine, &request, Some(sha256), decided, verdict)
-                    .await;
-            });
+                resolutions.push(
+                    resolution.unwrap_or_else(|| Resolution::Failed("scan abandoned".into())),
+                );
+            }
+            let Some(pool) = effective.pools.get(next) else {
+                break;
+            };
+            next += 1;
+            let (identity, pending) =
+                engine.resolve_in(pool_lookup(&session, &request, sha256, &effective, pool));
+            identities.push((pool.clone(), identity));
+            match pending {
+                Pending::Ready(resolution) => resolutions.push(resolution),
+                Pending::Wait(w) => waiter = Some(w),
+            }
         }
-    }
+        let mut decided = decide::decide_all(&effective.policy, &resolutions);
+        if identities
+            .iter()
+            .any(|(pool, identity)| engine.current_of(pool).map(|c| c.id) != *identity)
+        {
+            // The rules changed during the scan: answer, but let no agent keep it.
+            decided.cacheable = false;
+            decided.ttl_seconds = 0;
+        }
+        let verdicts = resolutions.iter().filter_map(verdict_of).collect();
+        session
+            .decide(
+                &engine,
+                &request,
+                &effective.tenant,
+                Some(sha256),
+                decided,
+                verdicts,
+            )
+            .await;
+    });
 }
 
 fn verdict_of(resolution: &Resolution) -> Option<v1::Verdict> {
@@ -470,17 +635,24 @@ fn parse_canonical_sha256(hex: &str) -> Option<Sha256> {
 
 impl Session {
     /// Sends the decision, then counts and records it (never the other way round).
+    /// `tenant` is the access's, which the record belongs to (not necessarily the agent's).
     async fn decide(
         &self,
         engine: &Engine,
         request: &v1::AccessRequest,
+        tenant: &str,
         sha256: Option<Sha256>,
         decided: Decided,
-        verdict: Option<v1::Verdict>,
+        verdicts: Vec<v1::Verdict>,
     ) {
+        let mut decided = decided;
+        if decided.cacheable && !self.scoped_cache && !engine.tenancy.borrow().is_single_policy() {
+            decided.cacheable = false;
+            decided.ttl_seconds = 0;
+        }
         let record = decided.record.then(|| AccessRecord {
             at_unix_ms: now_unix_ms(),
-            tenant: self.tenant.clone(),
+            tenant: tenant.to_owned(),
             node: self.node.clone(),
             path: if request.path.is_empty() {
                 request.host_path.clone()
@@ -500,6 +672,14 @@ impl Session {
                 .map(|s| s.exe.clone())
                 .unwrap_or_default(),
             decided_by: DecidedBy::Broker,
+            context: context_of(
+                request.subject.as_ref().unwrap_or(&v1::Subject::default()),
+                if request.path.is_empty() {
+                    ""
+                } else {
+                    &request.host_path
+                },
+            ),
         });
         let action = decided.action;
         let message = v1::BrokerMessage {
@@ -509,7 +689,7 @@ impl Session {
                 reason: decided.reason,
                 cacheable: decided.cacheable,
                 ttl_seconds: decided.ttl_seconds,
-                verdicts: verdict.into_iter().collect(),
+                verdicts,
             })),
         };
         if self.link.tx.send(Ok(message)).await.is_err() {
@@ -560,13 +740,20 @@ impl Session {
                     None => why.to_owned(),
                 };
                 let subject = report.subject.unwrap_or_default();
+                // The access's tenant, by the broker's rules, not the agent's.
+                let tenant = {
+                    let tenancy = engine.tenancy.borrow();
+                    tenancy
+                        .tenant_of(&subject.k8s_namespace, &subject.tenant)
+                        .to_owned()
+                };
                 engine.writer.submit(WriteOp::Access(Box::new(AccessRecord {
                     at_unix_ms: if report.at_unix_ms > 0 {
                         report.at_unix_ms
                     } else {
                         now_unix_ms()
                     },
-                    tenant: self.tenant.clone(),
+                    tenant,
                     node: self.node.clone(),
                     path: report.path,
                     kind: convert::access_kind_from_proto(report.kind),
@@ -576,6 +763,7 @@ impl Session {
                     threat_name,
                     pid: subject.pid,
                     uid: subject.uid,
+                    context: context_of(&subject, &report.host_path),
                     exe: subject.exe,
                     decided_by,
                 })));
@@ -622,6 +810,19 @@ fn local_reason(raw: i32) -> (DecidedBy, &'static str) {
         Ok(v1::LocalReason::Cached | v1::LocalReason::Unspecified) | Err(_) => {
             (DecidedBy::AgentCache, "cached decision")
         }
+    }
+}
+
+/// What a record keeps of an access's origin besides pid, uid and executable.
+fn context_of(s: &v1::Subject, host_path: &str) -> fleetscan_core::AccessContext {
+    fleetscan_core::AccessContext {
+        ns_pid: s.ns_pid,
+        cgroup: s.cgroup.clone(),
+        container_id: s.container_id.clone(),
+        pod_uid: s.pod_uid.clone(),
+        namespace: s.k8s_namespace.clone(),
+        image: s.image.clone(),
+        host_path: host_path.to_owned(),
     }
 }
 

@@ -18,33 +18,47 @@ use parking_lot::{Mutex, RwLock};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct IdentityId(u32);
 
-/// A scanner identity together with its interned id.
+/// A scanner identity together with its interned id, within the scope of its verdicts.
 #[derive(Debug, PartialEq, Eq)]
 pub struct InternedIdentity {
     pub id: IdentityId,
     pub identity: ScannerIdentity,
+    /// Whose verdicts these are: a tenant's own pool's (its name), or the fleet's (empty).
+    pub scope: String,
 }
 
-/// Interns scanner identities. Grows with the number of distinct identities ever seen (one per
-/// rule-set release), which is small; ids are never reused, so a stale id never matches a new
-/// identity.
+/// Interns scanner identities within a verdict scope: the same identity in two tenants' own
+/// pools gets two ids, so that their verdicts never meet in the cache. Grows with the number of
+/// distinct (scope, identity) pairs ever seen (one per rule-set release and pool owner), which
+/// is small; ids are never reused, so a stale id never matches a new identity.
 #[derive(Default)]
 pub struct Identities {
-    map: RwLock<HashMap<ScannerIdentity, Arc<InternedIdentity>>>,
+    map: RwLock<HashMap<(String, ScannerIdentity), Arc<InternedIdentity>>>,
 }
 
 impl Identities {
+    /// Interns an identity of the fleet's scope (shared pools, the fleet operator's pools).
     pub fn intern(&self, identity: &ScannerIdentity) -> Arc<InternedIdentity> {
-        if let Some(found) = self.map.read().get(identity) {
+        self.intern_scoped("", identity)
+    }
+
+    /// Interns an identity within `scope` (a tenant's name for its own pools, empty for the
+    /// fleet's).
+    pub fn intern_scoped(&self, scope: &str, identity: &ScannerIdentity) -> Arc<InternedIdentity> {
+        // The look-up key is built once per call; interning happens on registrations and
+        // misses, never on the cached decision path.
+        let key = (scope.to_owned(), identity.clone());
+        if let Some(found) = self.map.read().get(&key) {
             return found.clone();
         }
         let mut map = self.map.write();
         let next = u32::try_from(map.len()).unwrap_or(u32::MAX);
-        map.entry(identity.clone())
+        map.entry(key)
             .or_insert_with(|| {
                 Arc::new(InternedIdentity {
                     id: IdentityId(next),
                     identity: identity.clone(),
+                    scope: scope.to_owned(),
                 })
             })
             .clone()
@@ -147,6 +161,27 @@ mod tests {
         assert_ne!(a.id, b.id);
         assert_eq!(ids.intern(&identity("r1")).id, a.id);
         assert_eq!(b.identity.ruleset_version, "r2");
+    }
+
+    #[test]
+    fn the_same_identity_in_two_scopes_is_two_keys() {
+        let ids = Identities::default();
+        let fleet = ids.intern(&identity("r1"));
+        let acme = ids.intern_scoped("acme", &identity("r1"));
+        let globex = ids.intern_scoped("globex", &identity("r1"));
+        assert_ne!(acme.id, globex.id);
+        assert_ne!(acme.id, fleet.id);
+        assert_eq!(ids.intern_scoped("acme", &identity("r1")).id, acme.id);
+        assert_eq!(ids.intern_scoped("", &identity("r1")).id, fleet.id);
+        let cache = VerdictCache::new(100);
+        let v = verdict(b"x", &acme.identity, VerdictKind::Malicious);
+        cache.insert(acme.id, v.clone());
+        assert!(cache.get(&v.sha256, acme.id).is_some());
+        assert!(
+            cache.get(&v.sha256, globex.id).is_none(),
+            "one tenant's private verdict must not serve another"
+        );
+        assert!(cache.get(&v.sha256, fleet.id).is_none());
     }
 
     #[test]

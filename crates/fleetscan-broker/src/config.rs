@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use fleetscan_core::Policy;
+use fleetscan_core::{Policy, TenancyConfig};
 use serde::{Deserialize, Serialize};
 
 /// How a broker runs. `Default` gives a single-host broker on a local SQLite file.
@@ -13,8 +13,12 @@ pub struct BrokerConfig {
     pub broker_id: String,
     /// `sqlite://PATH`, `sqlite::memory:` or `postgres://…`.
     pub store_url: String,
-    /// The default tenant's policy.
+    /// The fleet's policy: the fleet operator's tenant's, and what every other tenant inherits
+    /// where it sets nothing of its own.
     pub policy: Policy,
+    /// Tenants, their namespaces, pools and policies (default: the fleet operator's tenant
+    /// alone, scanned by its `default` pool under `policy`).
+    pub tenancy: TenancyConfig,
     /// How long a `ScanService` call may take in all (default 30 s).
     #[serde(with = "humantime_serde")]
     pub scan_deadline: Duration,
@@ -39,6 +43,7 @@ impl Default for BrokerConfig {
             broker_id: format!("broker-{}", std::process::id()),
             store_url: "sqlite://fleetscan.db".into(),
             policy: Policy::default(),
+            tenancy: TenancyConfig::default(),
             scan_deadline: Duration::from_secs(30),
             job_deadline: Duration::from_secs(10),
             max_tries: 3,

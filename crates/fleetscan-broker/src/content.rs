@@ -27,7 +27,7 @@ const CONTENT_CHANNEL: usize = 8;
 pub enum ContentEvent {
     Chunk {
         offset: u64,
-        data: Vec<u8>,
+        data: Bytes,
         last: bool,
     },
     Unavailable(String),
@@ -150,7 +150,11 @@ impl ContentSource {
             Ok(Err(_)) => return Err("agent disconnected".into()),
             Err(_) => return Err("agent stream congested".into()),
         }
-        let mut content = BytesMut::with_capacity(capacity);
+        // Content uploaded in one chunk is kept as that chunk (a slice of the message it came
+        // in); only content in several chunks is copied together.
+        let mut whole = None;
+        let mut content = BytesMut::new();
+        let mut received = 0u64;
         let mut hasher = Sha256Hasher::new();
         loop {
             let event = match tokio::time::timeout(idle, rx.recv()).await {
@@ -163,16 +167,21 @@ impl ContentSource {
                     return Err(format!("agent could not provide the content: {reason}"));
                 }
                 ContentEvent::Chunk { offset, data, last } => {
-                    if offset != content.len() as u64 {
-                        return Err(format!(
-                            "chunk at offset {offset}, expected {}",
-                            content.len()
-                        ));
+                    if offset != received {
+                        return Err(format!("chunk at offset {offset}, expected {received}"));
                     }
-                    if content.len() as u64 + data.len() as u64 > size {
+                    if received + data.len() as u64 > size {
                         return Err(format!("more content than the declared {size} bytes"));
                     }
                     hasher.update(&data);
+                    received += data.len() as u64;
+                    if last && content.is_empty() {
+                        whole = Some(data);
+                        break;
+                    }
+                    if content.capacity() == 0 {
+                        content.reserve(capacity);
+                    }
                     content.extend_from_slice(&data);
                     if last {
                         break;
@@ -180,13 +189,13 @@ impl ContentSource {
                 }
             }
         }
-        if content.len() as u64 != size {
-            return Err(format!("{} bytes uploaded, {size} declared", content.len()));
+        if received != size {
+            return Err(format!("{received} bytes uploaded, {size} declared"));
         }
         if hasher.finish() != *sha256 {
             return Err("sha256 mismatch".into());
         }
-        Ok(content.freeze())
+        Ok(whole.unwrap_or_else(|| content.freeze()))
     }
 }
 
@@ -226,7 +235,7 @@ mod tests {
     fn chunk(offset: u64, data: &[u8], last: bool) -> ContentEvent {
         ContentEvent::Chunk {
             offset,
-            data: data.to_vec(),
+            data: Bytes::copy_from_slice(data),
             last,
         }
     }

@@ -81,6 +81,45 @@ pub fn decide(policy: &Policy, resolution: &Resolution) -> Decided {
     }
 }
 
+/// Decides one access from the resolutions of every pool its policy requires, with
+/// [`Policy::decide`]'s rule: any blocking verdict denies; otherwise an oversize content is
+/// decided as such; otherwise any pool without a conclusive verdict (failure, error,
+/// unsupported) leaves it to the fail mode; only when every pool found it clean is it allowed.
+/// No required pool at all is a failure: nothing can say the content is clean.
+pub fn decide_all(policy: &Policy, resolutions: &[Resolution]) -> Decided {
+    let first = |f: &dyn Fn(&Resolution) -> bool| resolutions.iter().find(|r| f(r));
+    let blocking = first(&|r| matches!(r, Resolution::Verdict(v) if v.kind.blocks()));
+    let oversize = first(&|r| matches!(r, Resolution::Oversize(_)));
+    let inconclusive = first(&|r| match r {
+        Resolution::Verdict(v) => !v.kind.is_conclusive(),
+        Resolution::Failed(_) => true,
+        Resolution::Oversize(_) => false,
+    });
+    match blocking
+        .or(oversize)
+        .or(inconclusive)
+        .or(resolutions.first())
+    {
+        Some(r) => decide(policy, r),
+        None => fail(policy, "no scanner pool is required by the policy"),
+    }
+}
+
+/// An access the policy does not scan (exec-only, exclusions): allowed, not recorded, and not
+/// cacheable, since the same file may be scanned for another namespace or tenant.
+pub fn skipped(why: String) -> Decided {
+    Decided {
+        action: Action::Allow,
+        reason: why,
+        cacheable: false,
+        ttl_seconds: 0,
+        record: false,
+        fail_mode: false,
+        oversize: false,
+        threat_name: None,
+    }
+}
+
 /// Decides by the fail mode, e.g. for a malformed request or an overloaded broker.
 pub fn fail(policy: &Policy, why: impl Into<String>) -> Decided {
     decide(policy, &Resolution::Failed(why.into()))
@@ -163,6 +202,58 @@ mod tests {
         assert_eq!(d.action, Action::Deny);
         assert!(d.oversize && d.record && d.cacheable);
         assert_eq!(d.ttl_seconds, OVERSIZE_TTL_SECONDS);
+    }
+
+    #[test]
+    fn several_pools_any_blocking_verdict_denies_all_clean_allows() {
+        let p = Policy::default();
+        let clean = verdict(VerdictKind::Clean);
+        let bad = verdict(VerdictKind::Malicious);
+        let error = verdict(VerdictKind::Error);
+        let d = decide_all(&p, &[clean.clone(), clean.clone()]);
+        assert_eq!((d.action, d.cacheable), (Action::Allow, true));
+        // Any order: one malicious verdict denies, even beside an error or a failure.
+        for rs in [
+            vec![clean.clone(), bad.clone()],
+            vec![bad.clone(), clean.clone()],
+            vec![error.clone(), bad.clone()],
+            vec![Resolution::Failed("no live scanner".into()), bad.clone()],
+        ] {
+            let d = decide_all(&p, &rs);
+            assert_eq!(d.action, Action::Deny, "{rs:?}");
+            assert!(d.record && d.cacheable);
+        }
+        // Clean from one pool, nothing from the other: the fail mode, never "clean".
+        let closed = Policy {
+            fail_mode: FailMode::Closed,
+            ..Policy::default()
+        };
+        for rs in [
+            vec![clean.clone(), Resolution::Failed("no live scanner".into())],
+            vec![error, clean.clone()],
+        ] {
+            let d = decide_all(&closed, &rs);
+            assert_eq!(d.action, Action::Deny, "{rs:?}");
+            assert!(d.fail_mode && !d.cacheable);
+        }
+        let d = decide_all(&closed, &[]);
+        assert_eq!(d.action, Action::Deny);
+        assert!(d.fail_mode);
+        // Audit-only: allowed, and recorded.
+        let audit = Policy {
+            audit_only: true,
+            ..Policy::default()
+        };
+        let d = decide_all(&audit, &[clean, bad]);
+        assert_eq!(d.action, Action::Allow);
+        assert!(d.record);
+    }
+
+    #[test]
+    fn skipped_accesses_are_allowed_unrecorded_and_uncached() {
+        let d = skipped("exec-only: opens are not scanned".into());
+        assert_eq!(d.action, Action::Allow);
+        assert!(!d.cacheable && !d.record && !d.fail_mode);
     }
 
     #[test]

@@ -7,6 +7,12 @@
 //! cannot be reached, a new identity is used at once on this broker under a generation of its
 //! own, and confirmed in the store when it returns.
 //!
+//! Pools are the tenancy's ([`fleetscan_core::tenancy`]): each is known by its [`PoolKey`]
+//! (owner and name; as a string, [`PoolKey::key`]), and the verdicts of a tenant's own pool are
+//! interned, cached and stored within that tenant's scope, so that they never decide for another
+//! tenant. The tenancy (policies, pools, namespaces) can be replaced at run time by a newer
+//! version; agent sessions push it to their agents.
+//!
 //! The decision path never writes to the store (writes go to the write-behind queue after the
 //! answer) and never holds a lock across an await. A scan, once started, runs to its own end
 //! (bounded by `scan_deadline`) even when the request that started it has stopped waiting, so
@@ -15,7 +21,11 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use fleetscan_core::{DEFAULT_TENANT, Policy, ScannerIdentity, Sha256, Verdict, now_unix_ms};
+use fleetscan_core::tenancy::{EffectivePolicy, TenancyError, WorkerRoute};
+use fleetscan_core::{
+    DEFAULT_TENANT, Policy, PoolKey, ScannerIdentity, Sha256, Tenancy, TenancyConfig, Verdict,
+    now_unix_ms,
+};
 use fleetscan_store::{FleetState, Store};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Semaphore, watch};
@@ -25,14 +35,21 @@ use crate::cache::{Identities, IdentityId, InternedIdentity, VerdictCache};
 use crate::config::BrokerConfig;
 use crate::content::ContentSource;
 use crate::decide::Resolution;
+use crate::error::BrokerError;
 use crate::fleet::{Fleet, Skipped, Standing};
 use crate::flight::{Joined, Leader, SingleFlight, Waiter};
 use crate::scheduler::{EnqueueError, JobPayload, RunOutcome, Scheduler};
 use crate::stats::{Stats, bump};
 use crate::writer::{WriteBehind, WriteOp};
 
-/// The pool agents and applications are served by until pools are configured per tenant.
-pub const DEFAULT_POOL: &str = "default";
+/// The fleet operator's default pool, as a pool key: the pool of every worker that names none,
+/// and of applications' scans.
+pub const DEFAULT_POOL: &str = fleetscan_core::tenancy::DEFAULT_POOL;
+
+/// How often a tenant's private verdict is written again while the store is unreachable, and
+/// how many times in all, before it is counted as lost (it is then only a rescan away).
+const PRIVATE_WRITE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+const PRIVATE_WRITE_TRIES: u32 = 60;
 
 /// Content held for scans at once, in KiB (1 GiB): bounds the memory of uploads in progress.
 /// A fetch waits for room, within its scan deadline.
@@ -40,12 +57,27 @@ const CONTENT_BUDGET_KIB: u32 = 1024 * 1024;
 
 type FlightKey = (Sha256, IdentityId);
 
-/// A request for the verdict on one content.
+/// A request for the verdict on one content from the fleet operator's pool `pool`, under the
+/// fleet's policy (the scan service's).
 pub struct Lookup {
     pub sha256: Sha256,
     pub size: u64,
     pub tenant: String,
     pub pool: &'static str,
+    pub path_hint: String,
+    /// Where the content can be had if it must be scanned.
+    pub source: ContentSource,
+}
+
+/// A request for the verdict on one content from one pool, for one tenant.
+pub struct PoolLookup {
+    pub sha256: Sha256,
+    pub size: u64,
+    pub tenant: String,
+    /// The pool, as [`PoolKey::key`].
+    pub pool: String,
+    /// The effective policy's maximum: larger content is not scanned.
+    pub max_file_size: u64,
     pub path_hint: String,
     /// Where the content can be had if it must be scanned.
     pub source: ContentSource,
@@ -70,7 +102,7 @@ pub struct Engine {
     pub cache: VerdictCache,
     pub identities: Identities,
     /// Each pool's current scanner identity: the one whose verdicts are used.
-    current: RwLock<HashMap<String, Arc<InternedIdentity>>>,
+    current: RwLock<HashMap<PoolKey, Arc<InternedIdentity>>>,
     /// Identities this broker has seen in each pool (from the fleet or its own workers).
     seen: Mutex<HashSet<(String, IdentityId)>>,
     /// Pools whose current identity was set here while the store was unreachable, and is not
@@ -86,6 +118,11 @@ pub struct Engine {
     pub scheduler: Arc<Scheduler>,
     pub writer: WriteBehind,
     pub stats: Stats,
+    /// Private verdicts that could not be stored (the store was unreachable for too long):
+    /// counted with the write-behind queue's losses.
+    pub private_verdicts_lost: std::sync::atomic::AtomicU64,
+    /// The tenancy in force; sessions watch it to push each new version to their agents.
+    pub tenancy: watch::Sender<Arc<Tenancy>>,
     /// Bumped whenever a pool's identity changes; agents flush decisions of other generations.
     pub generation: watch::Sender<u64>,
     pub sessions: Mutex<HashMap<u64, SessionInfo>>,
@@ -95,15 +132,18 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// Fails when the configured tenancy is invalid.
     pub fn new(
         config: BrokerConfig,
         store: Store,
         writer: WriteBehind,
         stop: watch::Receiver<bool>,
-    ) -> Self {
+    ) -> Result<Self, BrokerError> {
+        let tenancy = Tenancy::new(&config.policy, &config.tenancy)
+            .map_err(|e| BrokerError::InvalidArgument(format!("tenancy configuration: {e}")))?;
         // Until the fleet's generation is read: one of this broker's own, which no agent holds.
         let first_generation = local_generation();
-        Engine {
+        Ok(Engine {
             cache: VerdictCache::new(config.verdict_cache_capacity),
             fleet: Arc::new(Fleet::new(
                 store.clone(),
@@ -125,17 +165,65 @@ impl Engine {
             sessions: Mutex::new(HashMap::new()),
             content_budget: Arc::new(Semaphore::new(CONTENT_BUDGET_KIB as usize)),
             stop,
-        }
+            private_verdicts_lost: std::sync::atomic::AtomicU64::new(0),
+            tenancy: watch::channel(Arc::new(tenancy)).0,
+        })
     }
 
-    /// The policy of a tenant. Only the default tenant's is configured today; every tenant
-    /// gets it.
+    /// The fleet's policy as configured: the scan service's (which acts for the fleet operator
+    /// until callers are authenticated). Accesses are decided by [`Engine::effective`].
     pub fn policy(&self, _tenant: &str) -> &Policy {
         &self.config.policy
     }
 
-    /// The pool's current scanner identity, if a worker ever registered.
+    /// The tenancy in force.
+    pub fn tenancy(&self) -> Arc<Tenancy> {
+        self.tenancy.borrow().clone()
+    }
+
+    /// The policy in force for an access of `tenant` from `namespace`.
+    pub fn effective(&self, tenant: &str, namespace: &str) -> Arc<EffectivePolicy> {
+        self.tenancy.borrow().resolve(tenant, namespace)
+    }
+
+    /// Replaces the tenancy by a newer version (over the fleet's configured policy); every
+    /// agent session pushes it to its agent. Workers already attached keep their pools.
+    pub fn set_tenancy(&self, config: &TenancyConfig) -> Result<(), TenancyError> {
+        let next = Tenancy::new(&self.config.policy, config)?;
+        let mut result = Ok(());
+        self.tenancy.send_if_modified(|current| {
+            result = current.check_successor(&next);
+            if result.is_ok() {
+                *current = Arc::new(next);
+            }
+            result.is_ok()
+        });
+        if result.is_ok() {
+            info!(
+                version = config.version,
+                "tenancy replaced; agents are sent the new policies"
+            );
+        }
+        result
+    }
+
+    /// Where a registering worker belongs: its pool (by key) and the tenants it serves.
+    pub fn route_worker(
+        &self,
+        pool: &str,
+        tenants: &[String],
+    ) -> Result<WorkerRoute, TenancyError> {
+        self.tenancy.borrow().route_worker(pool, tenants)
+    }
+
+    /// The pool's current scanner identity, if a worker ever registered; `pool` is a
+    /// [`PoolKey::key`] (a bare name is the fleet operator's pool).
     pub fn current(&self, pool: &str) -> Option<Arc<InternedIdentity>> {
+        self.current.read().get(&PoolKey::parse(pool)).cloned()
+    }
+
+    /// The pool's current scanner identity, if a worker ever registered.
+    pub fn current_of(&self, pool: &PoolKey) -> Option<Arc<InternedIdentity>> {
         self.current.read().get(pool).cloned()
     }
 
@@ -145,12 +233,15 @@ impl Engine {
     /// rule on what it has seen, under a generation of its own, and confirms with the fleet
     /// later.
     pub async fn register_identity(self: &Arc<Self>, pool: &str, identity: &ScannerIdentity) {
+        let key = PoolKey::parse(pool);
         let registered = self
             .fleet
-            .guarded(
-                self.store
-                    .register_identity(DEFAULT_TENANT, pool, identity, now_unix_ms()),
-            )
+            .guarded(self.store.register_identity(
+                key.store_tenant(),
+                key.name(),
+                identity,
+                now_unix_ms(),
+            ))
             .await;
         match registered {
             Ok(state) => {
@@ -171,9 +262,9 @@ impl Engine {
             Err(e) => {
                 warn!(pool, error = %e, "scanner identity not registered with the fleet; deciding locally");
                 let _applying = self.applying.lock();
-                let interned = self.identities.intern(identity);
+                let interned = self.identities.intern_scoped(key.verdict_scope(), identity);
                 let new = self.seen.lock().insert((pool.to_owned(), interned.id));
-                if (new || self.current(pool).is_none()) && self.set_current(pool, interned) {
+                if (new || self.current_of(&key).is_none()) && self.set_current(&key, interned) {
                     self.unconfirmed
                         .lock()
                         .insert(pool.to_owned(), identity.clone());
@@ -200,17 +291,25 @@ impl Engine {
         let unconfirmed = self.unconfirmed.lock().clone();
         {
             let mut seen = self.seen.lock();
-            for p in state.known.iter().filter(|p| p.tenant == DEFAULT_TENANT) {
-                seen.insert((p.pool.clone(), self.identities.intern(&p.identity).id));
+            for p in &state.known {
+                let key = PoolKey::from_store(&p.tenant, &p.pool);
+                let id = self
+                    .identities
+                    .intern_scoped(key.verdict_scope(), &p.identity)
+                    .id;
+                seen.insert((key.key(), id));
             }
         }
-        for p in state.pools.iter().filter(|p| p.tenant == DEFAULT_TENANT) {
-            if unconfirmed.contains_key(&p.pool) {
+        for p in &state.pools {
+            let key = PoolKey::from_store(&p.tenant, &p.pool);
+            if unconfirmed.contains_key(&key.key()) {
                 continue;
             }
-            let interned = self.identities.intern(&p.identity);
-            self.seen.lock().insert((p.pool.clone(), interned.id));
-            self.set_current(&p.pool, interned);
+            let interned = self
+                .identities
+                .intern_scoped(key.verdict_scope(), &p.identity);
+            self.seen.lock().insert((key.key(), interned.id));
+            self.set_current(&key, interned);
         }
         if unconfirmed.is_empty() {
             let changed = self.generation.send_if_modified(|g| {
@@ -235,13 +334,15 @@ impl Engine {
     /// Makes `identity` the pool's current one on this broker; whether it changed. Older
     /// verdicts are no longer used (they are keyed by identity) and only workers with this
     /// identity get jobs.
-    fn set_current(&self, pool: &str, identity: Arc<InternedIdentity>) -> bool {
+    fn set_current(&self, key: &PoolKey, identity: Arc<InternedIdentity>) -> bool {
+        let pool = key.key();
+        let pool = pool.as_str();
         {
             let mut current = self.current.write();
-            if current.get(pool).is_some_and(|c| c.id == identity.id) {
+            if current.get(key).is_some_and(|c| c.id == identity.id) {
                 return false;
             }
-            current.insert(pool.to_owned(), identity.clone());
+            current.insert(key.clone(), identity.clone());
             // Under the same lock, so that the engine and the scheduler never disagree on the
             // pool's identity (the scheduler never calls back into the engine).
             self.scheduler.set_current(pool, identity.identity.clone());
@@ -258,19 +359,40 @@ impl Engine {
         true
     }
 
-    /// The cached verdict of the pool's current identity, if any: the hot path.
+    /// The cached verdict of the pool's current identity, if any (`pool` as in
+    /// [`Engine::current`]).
     pub fn cached(&self, sha256: &Sha256, pool: &str) -> Option<Arc<Verdict>> {
+        self.cached_in(sha256, &PoolKey::parse(pool))
+    }
+
+    /// The cached verdict of the pool's current identity, if any: the hot path.
+    pub fn cached_in(&self, sha256: &Sha256, pool: &PoolKey) -> Option<Arc<Verdict>> {
         let current = self.current.read();
         let identity = current.get(pool)?;
         self.cache.get(sha256, identity.id)
     }
 
-    /// Resolves a content's verdict under the pool's current identity. Concurrent lookups of
-    /// one content share one flight: one store look-up, one content upload, one job.
+    /// Resolves a content's verdict from a pool of the fleet operator under the fleet's policy.
     pub fn resolve(self: &Arc<Self>, lookup: Lookup) -> (Option<IdentityId>, Pending) {
-        let Some(identity) = self.current(lookup.pool) else {
-            let policy = self.policy(&lookup.tenant);
-            let resolution = if lookup.size > policy.max_file_size {
+        let max_file_size = self.policy(&lookup.tenant).max_file_size;
+        self.resolve_in(PoolLookup {
+            sha256: lookup.sha256,
+            size: lookup.size,
+            tenant: lookup.tenant,
+            pool: lookup.pool.to_owned(),
+            max_file_size,
+            path_hint: lookup.path_hint,
+            source: lookup.source,
+        })
+    }
+
+    /// Resolves a content's verdict under the pool's current identity. Concurrent lookups of
+    /// one content share one flight: one store look-up, one content upload, one job. Flights
+    /// are keyed by the pool's interned identity, which is scoped: a tenant's own pool never
+    /// shares a flight (nor a verdict) with another tenant's.
+    pub fn resolve_in(self: &Arc<Self>, lookup: PoolLookup) -> (Option<IdentityId>, Pending) {
+        let Some(identity) = self.current(&lookup.pool) else {
+            let resolution = if lookup.size > lookup.max_file_size {
                 Resolution::Oversize(lookup.size)
             } else {
                 Resolution::Failed("no live scanner".into())
@@ -287,11 +409,12 @@ impl Engine {
             Joined::Leader(leader) => {
                 let waiter = leader.waiter();
                 let engine = self.clone();
-                let Lookup {
+                let PoolLookup {
                     sha256,
                     size,
                     tenant,
                     pool,
+                    max_file_size,
                     path_hint,
                     source: _,
                 } = lookup;
@@ -301,6 +424,7 @@ impl Engine {
                         size,
                         tenant,
                         pool,
+                        max_file_size,
                         path_hint,
                     };
                     engine.fly(leader, identity, job).await;
@@ -343,7 +467,7 @@ impl Engine {
         let resolution = match resolution {
             Resolution::Verdict(v)
                 if self
-                    .current(job.pool)
+                    .current(&job.pool)
                     .is_none_or(|current| current.identity != v.scanner) =>
             {
                 warn!(sha256 = %job.sha256, scanner = %v.scanner.scanner, ruleset_version = %v.scanner.ruleset_version, "verdict of a superseded scanner identity not used");
@@ -355,7 +479,7 @@ impl Engine {
     }
 
     async fn resolve_miss(
-        &self,
+        self: &Arc<Self>,
         leader: &Leader<FlightKey, Resolution, ContentSource>,
         identity: &InternedIdentity,
         job: &Job,
@@ -364,8 +488,7 @@ impl Engine {
         if let Some(v) = self.cache.get(&job.sha256, identity.id) {
             return Resolution::Verdict(v);
         }
-        let policy = self.policy(&job.tenant);
-        if job.size > policy.max_file_size {
+        if job.size > job.max_file_size {
             if let Some(v) = self.stored(identity, job).await {
                 return Resolution::Verdict(v);
             }
@@ -397,7 +520,7 @@ impl Engine {
                 }
             }
         };
-        if !self.scheduler.is_live(job.pool, &job.tenant, job.size) {
+        if !self.scheduler.is_live(&job.pool, &job.tenant, job.size) {
             if let Some(claim) = claim {
                 claim.release().await;
             }
@@ -413,7 +536,7 @@ impl Engine {
             // Each source is held to the size it declared itself, not the leader's: one agent's
             // wrong size must not fail the honest uploads of the flight's other waiters.
             let size = source.size();
-            if size > policy.max_file_size {
+            if size > job.max_file_size {
                 last_error = format!("declared size {size} over the maximum");
                 continue;
             }
@@ -441,7 +564,7 @@ impl Engine {
         match self
             .scheduler
             .run(
-                job.pool,
+                &job.pool,
                 payload,
                 self.config.max_tries,
                 self.config.job_deadline,
@@ -458,7 +581,15 @@ impl Engine {
                     scanned_at_unix_ms: now_unix_ms(),
                     scan_micros: report.scan_micros,
                 });
-                if verdict.kind.is_conclusive() {
+                if verdict.kind.is_conclusive() && !identity.scope.is_empty() {
+                    // A tenant's own pool: cached and stored within the tenant's scope only.
+                    let id = self
+                        .identities
+                        .intern_scoped(&identity.scope, &verdict.scanner)
+                        .id;
+                    self.cache.insert(id, verdict.clone());
+                    self.store_private(&identity.scope, &verdict).await;
+                } else if verdict.kind.is_conclusive() {
                     let id = self.identities.intern(&verdict.scanner).id;
                     self.cache.insert(id, verdict.clone());
                     // Brokers waiting on our claim read the verdict from the store when we
@@ -496,13 +627,58 @@ impl Engine {
         }
     }
 
-    /// The stored verdict of this identity, if the store has one and answers in time.
-    async fn stored(&self, identity: &InternedIdentity, job: &Job) -> Option<Arc<Verdict>> {
-        match self
+    /// Stores a verdict of a tenant's own pool. The write-behind queue carries the fleet's
+    /// verdicts only, so this one is written here: at once (before a claim on its scan is
+    /// released, since other brokers read it from the store then), and while the store is
+    /// unreachable again every [`PRIVATE_WRITE_RETRY`] from a task of its own, up to
+    /// [`PRIVATE_WRITE_TRIES`] times; past that it is counted as lost.
+    async fn store_private(self: &Arc<Self>, tenant: &str, verdict: &Arc<Verdict>) {
+        let first = self
             .fleet
-            .guarded(self.store.find_verdict(&job.sha256, &identity.identity))
-            .await
-        {
+            .guarded(self.store.put_tenant_verdict(tenant, verdict))
+            .await;
+        if first.is_ok() {
+            return;
+        }
+        let engine = self.clone();
+        let tenant = tenant.to_owned();
+        let verdict = verdict.clone();
+        tokio::spawn(async move {
+            for _ in 1..PRIVATE_WRITE_TRIES {
+                tokio::time::sleep(PRIVATE_WRITE_RETRY).await;
+                match engine.store.put_tenant_verdict(&tenant, &verdict).await {
+                    Ok(()) => return,
+                    Err(e) if e.is_unavailable() => continue,
+                    Err(e) => {
+                        error!(tenant, sha256 = %verdict.sha256, error = %e, "storing a tenant's verdict failed");
+                        break;
+                    }
+                }
+            }
+            engine
+                .private_verdicts_lost
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            error!(tenant, sha256 = %verdict.sha256, "a tenant's verdict was not stored; it is lost");
+        });
+    }
+
+    /// The stored verdict of this identity (within its scope), if the store has one and
+    /// answers in time.
+    async fn stored(&self, identity: &InternedIdentity, job: &Job) -> Option<Arc<Verdict>> {
+        let found = if identity.scope.is_empty() {
+            self.fleet
+                .guarded(self.store.find_verdict(&job.sha256, &identity.identity))
+                .await
+        } else {
+            self.fleet
+                .guarded(self.store.find_tenant_verdict(
+                    &identity.scope,
+                    &job.sha256,
+                    &identity.identity,
+                ))
+                .await
+        };
+        match found {
             Ok(Some(v)) => {
                 bump(&self.stats.store_hits);
                 let v = Arc::new(v);
@@ -534,7 +710,8 @@ struct Job {
     sha256: Sha256,
     size: u64,
     tenant: String,
-    pool: &'static str,
+    pool: String,
+    max_file_size: u64,
     path_hint: String,
 }
 
@@ -606,7 +783,7 @@ mod tests {
         let store = Store::connect("sqlite::memory:").await.unwrap();
         let (writer, _queue) = write_behind(16);
         let (_stop, stop) = watch::channel(false);
-        Arc::new(Engine::new(BrokerConfig::default(), store, writer, stop))
+        Arc::new(Engine::new(BrokerConfig::default(), store, writer, stop).unwrap())
     }
 
     #[tokio::test]

@@ -68,13 +68,19 @@ pub struct Broker {
     stop: watch::Sender<bool>,
 }
 
+/// The largest HTTP/2 frame the broker accepts (a 1 MiB content chunk and its framing).
+const HTTP2_MAX_FRAME: u32 = 2 * 1024 * 1024 - 1;
+/// Per-stream and per-connection receive windows: a few chunks in flight per upload.
+const HTTP2_STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+const HTTP2_CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+
 impl Broker {
     /// Connects the store (applies migrations).
     pub async fn new(config: BrokerConfig) -> Result<Broker, BrokerError> {
         let store = Store::connect(&config.store_url).await?;
         let (writer, queue) = write_behind(config.write_queue);
         let (stop, stop_rx) = watch::channel(false);
-        let engine = Arc::new(Engine::new(config, store, writer, stop_rx));
+        let engine = Arc::new(Engine::new(config, store, writer, stop_rx)?);
         // The fleet's generation and pool identities before the first agent is served, so that
         // agents moving here from another replica keep their caches.
         let fleet = engine.store.fleet_state().await?;
@@ -84,6 +90,12 @@ impl Broker {
             queue,
             stop,
         })
+    }
+
+    /// The broker's engine, e.g. to replace its tenancy while it serves
+    /// ([`Engine::set_tenancy`]).
+    pub fn engine(&self) -> Arc<Engine> {
+        self.engine.clone()
     }
 
     /// Serves AgentService, WorkerService, ScanService, AdminService, grpc.health.v1 and
@@ -149,6 +161,11 @@ impl Broker {
             .tcp_keepalive(Some(KEEPALIVE))
             .http2_keepalive_interval(Some(KEEPALIVE))
             .http2_keepalive_timeout(Some(KEEPALIVE))
+            // Content arrives in chunks of up to 1 MiB (agents, scan clients): let a chunk
+            // travel as one HTTP/2 frame instead of 64, and let several be in flight.
+            .max_frame_size(Some(HTTP2_MAX_FRAME))
+            .initial_stream_window_size(Some(HTTP2_STREAM_WINDOW))
+            .initial_connection_window_size(Some(HTTP2_CONNECTION_WINDOW))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(agent)

@@ -81,8 +81,7 @@ impl v1::scan_service_server::ScanService for ScanSvc {
             ));
         }
         Ok(Response::new(
-            self.scan(sha256, Bytes::from(request.data), request.name)
-                .await,
+            self.scan(sha256, request.data, request.name).await,
         ))
     }
 

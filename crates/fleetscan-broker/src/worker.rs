@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleetscan_core::{DEFAULT_TENANT, ScannerIdentity, now_unix_ms};
+use fleetscan_core::{ScannerIdentity, now_unix_ms};
 use fleetscan_proto::v1::{self, worker_command, worker_message};
 use fleetscan_proto::{CHUNK_SIZE, convert};
 use tokio::sync::{mpsc, watch};
@@ -59,16 +59,14 @@ impl v1::worker_service_server::WorkerService for WorkerSvc {
                 BrokerError::InvalidArgument("Register with an empty scanner name".into()).into(),
             );
         }
-        let pool = if register.pool.is_empty() {
-            crate::engine::DEFAULT_POOL.to_owned()
-        } else {
-            register.pool
-        };
-        let tenants = if register.tenants.is_empty() {
-            vec![DEFAULT_TENANT.to_owned()]
-        } else {
-            register.tenants
-        };
+        // The tenancy places the worker: a tenant's own pool serves that tenant alone, a shared
+        // pool the tenants that opted in; a pool or tenant it does not know is refused.
+        let route = self
+            .engine
+            .route_worker(&register.pool, &register.tenants)
+            .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
+        let pool = route.pool.key();
+        let tenants = route.tenants;
         let engine = self.engine.clone();
         let (tx, rx) = mpsc::channel(WORKER_CHANNEL);
         let attach = Attach {
@@ -141,7 +139,8 @@ fn outbound(
                                 msg: Some(worker_command::Msg::Chunk(v1::JobChunk {
                                     job_id,
                                     offset: offset as u64,
-                                    data: content[offset..end].to_vec(),
+                                    // A slice of the content, not a copy.
+                                    data: content.slice(offset..end),
                                     last: end == content.len(),
                                 })),
                             });

@@ -485,6 +485,7 @@ mod tests {
             uid: 0,
             exe: String::new(),
             decided_by: DecidedBy::Broker,
+            context: Default::default(),
         }))
     }
 

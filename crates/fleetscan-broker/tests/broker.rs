@@ -501,7 +501,7 @@ async fn a_wrong_size_from_one_agent_does_not_fail_the_other_waiters() {
     liar.send(agent_message::Msg::Content(v1::ContentChunk {
         request_id: 1,
         offset: 0,
-        data: content.clone(),
+        data: content.clone().into(),
         last: true,
     }))
     .await;
@@ -827,7 +827,7 @@ async fn scan_service_scans_and_looks_up() {
     assert!(!unknown.known);
     let no_worker = scan
         .scan_bytes(v1::ScanBytesRequest {
-            data: EICAR.to_vec(),
+            data: EICAR.to_vec().into(),
             name: "upload.txt".into(),
         })
         .await
@@ -842,7 +842,7 @@ async fn scan_service_scans_and_looks_up() {
         let mut scan = scan.clone();
         async move {
             scan.scan_bytes(v1::ScanBytesRequest {
-                data: EICAR.to_vec(),
+                data: EICAR.to_vec().into(),
                 name: "upload.txt".into(),
             })
             .await
@@ -872,15 +872,15 @@ async fn scan_service_scans_and_looks_up() {
     // A stream: metadata first, then chunks.
     let chunks = vec![
         v1::ScanStreamRequest {
-            data: vec![],
+            data: vec![].into(),
             name: "stream.bin".into(),
         },
         v1::ScanStreamRequest {
-            data: b"part one, ".to_vec(),
+            data: b"part one, ".to_vec().into(),
             name: String::new(),
         },
         v1::ScanStreamRequest {
-            data: b"part two".to_vec(),
+            data: b"part two".to_vec().into(),
             name: String::new(),
         },
     ];
@@ -931,7 +931,7 @@ async fn oversized_content_follows_the_policy() {
         .scan()
         .await
         .scan_bytes(v1::ScanBytesRequest {
-            data: vec![1u8; 17],
+            data: vec![1u8; 17].into(),
             name: String::new(),
         })
         .await
@@ -947,7 +947,7 @@ async fn an_oversized_message_is_refused_and_the_server_keeps_running() {
     let mut scan = broker.scan().await;
     let status = scan
         .scan_bytes(v1::ScanBytesRequest {
-            data: vec![0u8; fleetscan_proto::MAX_MESSAGE_SIZE + 1],
+            data: vec![0u8; fleetscan_proto::MAX_MESSAGE_SIZE + 1].into(),
             name: String::new(),
         })
         .await

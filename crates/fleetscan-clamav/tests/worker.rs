@@ -131,7 +131,7 @@ async fn scan(conn: &mut Conn, job_id: u64, content: &[u8]) -> v1::ScanResult {
         Command::Chunk(v1::JobChunk {
             job_id,
             offset: 0,
-            data: content.to_vec(),
+            data: content.to_vec().into(),
             last: true,
         }),
     )

@@ -59,6 +59,7 @@ pub async fn events(
     action: Option<&str>,
     sha256: Option<String>,
     limit: u32,
+    tenant: Option<&str>,
 ) -> anyhow::Result<()> {
     let action = match action {
         None => v1::Action::Unspecified,
@@ -66,15 +67,22 @@ pub async fn events(
         Some("deny") => v1::Action::Deny,
         Some(other) => bail!("--action must be `allow` or `deny`, not `{other}`"),
     };
+    let mut request = tonic::Request::new(v1::ListEventsRequest {
+        node: node.unwrap_or_default(),
+        action: action.into(),
+        sha256: sha256.unwrap_or_default(),
+        before_id: 0,
+        limit,
+    });
+    if let Some(t) = tenant {
+        request.metadata_mut().insert(
+            fleetscan_broker::admin::TENANT_HEADER,
+            t.parse().context("--tenant is not a valid header value")?,
+        );
+    }
     let resp = client(url)
         .await?
-        .list_events(v1::ListEventsRequest {
-            node: node.unwrap_or_default(),
-            action: action.into(),
-            sha256: sha256.unwrap_or_default(),
-            before_id: 0,
-            limit,
-        })
+        .list_events(request)
         .await
         .context("listing events")?
         .into_inner();
@@ -88,7 +96,9 @@ pub async fn events(
                     "kind": kind_name(e.kind), "action": action_name(e.action),
                     "reason": e.reason, "sha256": e.sha256, "threat": e.threat_name,
                     "pid": e.pid, "uid": e.uid, "exe": e.exe, "decided_by": e.decided_by,
-                    "tenant": e.tenant,
+                    "tenant": e.tenant, "ns_pid": e.ns_pid, "cgroup": e.cgroup,
+                    "container_id": e.container_id, "pod_uid": e.pod_uid,
+                    "namespace": e.k8s_namespace, "image": e.image, "host_path": e.host_path,
                 })
             })
             .collect();
@@ -100,8 +110,23 @@ pub async fn events(
         "ID", "TIME", "ACTION", "KIND", "NODE", "BY", "THREAT"
     );
     for e in &resp.events {
+        // In a container: its namespace, short id and own pid.
+        let container = if e.container_id.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " [{}/{} pid {}]",
+                if e.k8s_namespace.is_empty() {
+                    "-"
+                } else {
+                    &e.k8s_namespace
+                },
+                &e.container_id[..e.container_id.len().min(12)],
+                e.ns_pid
+            )
+        };
         println!(
-            "{:<8} {:<20} {:<6} {:<5} {:<12} {:<10} {:<24} {} (pid {} {})",
+            "{:<8} {:<20} {:<6} {:<5} {:<12} {:<10} {:<24} {} (pid {} {}){container}",
             e.id,
             time(e.at_unix_ms),
             action_name(e.action),

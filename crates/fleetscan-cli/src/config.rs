@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use fleetscan_core::tenancy::{DEFAULT_NAMESPACE_LABEL, TenancyConfig, TenantConfig};
 use fleetscan_core::{Action, FailMode, Policy};
 use serde::{Deserialize, Serialize};
 
@@ -87,6 +88,20 @@ pub struct BrokerSection {
     /// How long a replica's claim on scanning new content holds without renewal (Postgres):
     /// the longest other replicas wait for a claimer that died before scanning it themselves.
     pub claim_ttl_ms: u64,
+    /// Version of the policies (`policy` and every tenant's): raise it on every change, so
+    /// that agents take the new set and ignore older ones.
+    pub policy_version: u64,
+    /// The namespace label that names a namespace's tenant (agents read it).
+    pub namespace_label: String,
+    /// Pools of the fleet that tenants may opt into (`shared_pools` of a tenant).
+    pub shared_pools: Vec<String>,
+    /// Tenants by name: `namespaces` (theirs whatever their labels say), `pools` (their own),
+    /// `shared_pools` (opted into), `policy` (over `[broker.policy]`: fail_mode,
+    /// decision_deadline_ms, max_file_size, oversize_action, audit_only, exec_only,
+    /// exclusions = { paths, images, namespaces }, pools = the required ones) and
+    /// `namespace_policies.<namespace>` (the same, over the tenant's). Without tenants every
+    /// access is the fleet operator's (`default`), decided by `policy` and the `default` pool.
+    pub tenants: BTreeMap<String, TenantConfig>,
 }
 
 impl Default for BrokerSection {
@@ -103,6 +118,10 @@ impl Default for BrokerSection {
             write_queue: 100_000,
             verdict_cache_capacity: 1_000_000,
             claim_ttl_ms: 5_000,
+            policy_version: 1,
+            namespace_label: DEFAULT_NAMESPACE_LABEL.into(),
+            shared_pools: Vec::new(),
+            tenants: BTreeMap::new(),
         }
     }
 }
@@ -125,7 +144,16 @@ impl BrokerSection {
         fleetscan_broker::BrokerConfig {
             broker_id,
             store_url: self.store_url(),
-            policy: self.policy.to_policy(),
+            policy: Policy {
+                version: self.policy_version,
+                ..self.policy.to_policy()
+            },
+            tenancy: TenancyConfig {
+                version: self.policy_version,
+                namespace_label: self.namespace_label.clone(),
+                shared_pools: self.shared_pools.clone(),
+                tenants: self.tenants.clone(),
+            },
             scan_deadline: Duration::from_millis(self.scan_deadline_ms),
             job_deadline: Duration::from_millis(self.job_deadline_ms),
             max_tries: self.max_tries,
@@ -156,6 +184,12 @@ pub struct AgentSection {
     /// Let the kernel skip events for files already judged clean.
     pub ignore_marks: bool,
     pub cache_capacity: usize,
+    /// Pod metadata: `none`, `kubernetes` (watch this node's pods through the API server, with
+    /// the in-cluster service account or the kubeconfig) or `file:PATH` (a JSON list in
+    /// Kubernetes' format, e.g. `kubectl get pods,namespaces -o json`, re-read on change).
+    pub pods: String,
+    /// Seconds a pod that went away still resolves, for late events.
+    pub pod_retention_s: u64,
 }
 
 impl Default for AgentSection {
@@ -171,13 +205,19 @@ impl Default for AgentSection {
             max_file_size: p.max_file_size,
             ignore_marks: true,
             cache_capacity: 1_000_000,
+            pods: "none".into(),
+            pod_retention_s: 300,
         }
     }
 }
 
 impl AgentSection {
-    pub fn to_agent_config(&self) -> fleetscan_agent::AgentConfig {
-        fleetscan_agent::AgentConfig {
+    pub fn to_agent_config(&self) -> anyhow::Result<fleetscan_agent::AgentConfig> {
+        let pods = self
+            .pods
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("[agent] pods: {e}"))?;
+        Ok(fleetscan_agent::AgentConfig {
             brokers: self.brokers.clone(),
             protect: self.protect.clone(),
             node: if self.node.is_empty() {
@@ -191,7 +231,9 @@ impl AgentSection {
             max_file_size: self.max_file_size,
             ignore_marks: self.ignore_marks,
             cache_capacity: self.cache_capacity,
-        }
+            pods,
+            pod_retention: Duration::from_secs(self.pod_retention_s),
+        })
     }
 }
 
@@ -227,6 +269,9 @@ pub struct WorkerSection {
     /// Instance name; empty means `<hostname>-<pid>`.
     pub name: String,
     pub pool: String,
+    /// Tenants whose jobs the worker takes: one for a tenant's own pool, those that opted in
+    /// (or none: all of them) for a shared pool; none means the fleet operator's.
+    pub tenants: Vec<String>,
     /// Jobs held at once.
     pub credits: u32,
     pub max_file_size: u64,
@@ -243,6 +288,7 @@ impl Default for WorkerSection {
             blocklist: None,
             name: String::new(),
             pool: "default".into(),
+            tenants: Vec::new(),
             credits: 4,
             max_file_size: 0,
         }
@@ -259,7 +305,7 @@ impl WorkerSection {
                 self.name.clone()
             },
             pool: self.pool.clone(),
-            tenants: Vec::new(),
+            tenants: self.tenants.clone(),
             credits: self.credits.max(1),
             max_file_size: self.max_file_size,
         }
@@ -380,6 +426,27 @@ mod tests {
     }
 
     #[test]
+    fn the_pod_source_is_checked_when_the_agent_starts() {
+        let c = load(None, &env(&[("FLEETSCAN_AGENT_PODS", "kubernetes")])).unwrap();
+        assert!(matches!(
+            c.agent.to_agent_config().unwrap().pods,
+            fleetscan_agent::pods::PodSource::Kubernetes { .. }
+        ));
+        let c = load(
+            None,
+            &env(&[("FLEETSCAN_AGENT_PODS", "file:/etc/pods.json")]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.agent.to_agent_config().unwrap().pods,
+            fleetscan_agent::pods::PodSource::File("/etc/pods.json".into())
+        );
+        let c = load(None, &env(&[("FLEETSCAN_AGENT_PODS", "etcd")])).unwrap();
+        let e = c.agent.to_agent_config().unwrap_err().to_string();
+        assert!(e.contains("pods") && e.contains("etcd"), "{e}");
+    }
+
+    #[test]
     fn a_worker_takes_one_broker_or_a_list() {
         let one = load(
             None,
@@ -429,6 +496,75 @@ mod tests {
         assert_eq!(c.agent.protect, vec![PathBuf::from("/srv")]);
         assert_eq!(c.agent.decision_deadline_ms, 250);
         assert_eq!(c.worker.pool, "fast");
+    }
+
+    #[test]
+    fn tenants_pools_and_namespace_policies_load_from_the_broker_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleetscan.toml");
+        std::fs::write(
+            &path,
+            r#"
+[broker]
+policy_version = 3
+shared_pools = ["clamav"]
+
+[broker.policy]
+fail_mode = "open"
+
+[broker.tenants.acme]
+namespaces = ["shop", "shop-dev"]
+pools = ["yara"]
+shared_pools = ["clamav"]
+policy = { fail_mode = "closed", pools = ["yara", "clamav"] }
+
+[broker.tenants.acme.namespace_policies.shop-dev]
+audit_only = true
+
+[broker.tenants.acme.namespace_policies.ci]
+exec_only = true
+exclusions = { paths = ["/cache"], images = ["registry.acme/ci-*"] }
+
+[broker.tenants.globex]
+namespaces = ["web"]
+pools = ["yara"]
+"#,
+        )
+        .unwrap();
+        let c = load(Some(&path), &BTreeMap::new()).unwrap();
+        let b = c.broker.to_broker_config();
+        assert_eq!(b.policy.version, 3);
+        let t = fleetscan_core::Tenancy::new(&b.policy, &b.tenancy).unwrap();
+        assert_eq!(t.version(), 3);
+        assert_eq!(t.tenant_of("shop", ""), "acme");
+        let shop = t.resolve("acme", "shop");
+        assert_eq!(shop.policy.fail_mode, FailMode::Closed);
+        assert_eq!(shop.pools.len(), 2);
+        assert!(t.resolve("acme", "shop-dev").policy.audit_only);
+        assert!(t.resolve("acme", "ci").exec_only);
+        assert_eq!(t.resolve("globex", "web").policy.fail_mode, FailMode::Open);
+        // The effective configuration prints and reads back.
+        let text = toml::to_string_pretty(&c).unwrap();
+        assert_eq!(toml::from_str::<Config>(&text).unwrap(), c);
+    }
+
+    #[test]
+    fn a_configuration_with_only_a_policy_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.toml");
+        std::fs::write(
+            &path,
+            "[broker]\nstore = \"sqlite:///tmp/x.db\"\n[broker.policy]\nfail_mode = \"closed\"\n",
+        )
+        .unwrap();
+        let b = load(Some(&path), &BTreeMap::new())
+            .unwrap()
+            .broker
+            .to_broker_config();
+        let t = fleetscan_core::Tenancy::new(&b.policy, &b.tenancy).unwrap();
+        let p = t.resolve(fleetscan_core::DEFAULT_TENANT, "");
+        assert_eq!(p.policy.fail_mode, FailMode::Closed);
+        assert_eq!(p.pools, vec![fleetscan_core::PoolKey::fleet_default()]);
     }
 
     #[test]

@@ -178,6 +178,9 @@ struct EventsArgs {
     sha256: Option<String>,
     #[arg(long, default_value_t = 50)]
     limit: u32,
+    /// The tenant whose accesses to list (default: the fleet operator's).
+    #[arg(long)]
+    tenant: Option<String>,
 }
 
 #[derive(Args)]
@@ -260,6 +263,7 @@ fn main() -> anyhow::Result<()> {
             args.action.as_deref(),
             args.sha256,
             args.limit,
+            args.tenant.as_deref(),
         )),
         Command::Verdict(args) => runtime.block_on(admin::verdict(
             &args.client.broker,
@@ -475,7 +479,7 @@ async fn run_worker(config: Config) -> anyhow::Result<()> {
 
 async fn run_agent(config: Config) -> anyhow::Result<()> {
     check_protect(&config.agent.protect)?;
-    let agent = fleetscan_agent::Agent::start(config.agent.to_agent_config())
+    let agent = fleetscan_agent::Agent::start(config.agent.to_agent_config()?)
         .context("starting the agent (it needs root, or CAP_SYS_ADMIN, for fanotify)")?;
     println!(
         "fleetscan agent ready, protecting {:?}",
@@ -507,7 +511,7 @@ async fn run_up(mut config: Config) -> anyhow::Result<()> {
         scanner,
         stopped(stop.clone()),
     ));
-    let agent = fleetscan_agent::Agent::start(config.agent.to_agent_config())
+    let agent = fleetscan_agent::Agent::start(config.agent.to_agent_config()?)
         .context("starting the agent (it needs root, or CAP_SYS_ADMIN, for fanotify)")?;
     println!(
         "fleetscan agent ready, protecting {:?}",

@@ -327,7 +327,7 @@ impl Session {
             self.send(Command::Chunk(v1::JobChunk {
                 job_id: job.job_id,
                 offset: start as u64,
-                data: job.content[start..end].to_vec(),
+                data: job.content[start..end].to_vec().into(),
                 last: index + 1 == total,
             }))
             .await?;

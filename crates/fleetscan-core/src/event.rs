@@ -50,6 +50,34 @@ impl DecidedBy {
     }
 }
 
+/// Where an access came from, beyond the host's pid, uid and executable: the process's own pid
+/// namespace, its cgroup and what it names (container, pod), the pod's namespace and the
+/// container's image, and the path as the host sees it. Empty strings (and an `ns_pid` of 0)
+/// mean unknown or not in a container.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AccessContext {
+    #[serde(skip_serializing_if = "is_zero")]
+    pub ns_pid: u32,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub cgroup: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub container_id: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub pod_uid: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub image: String,
+    /// Where it differs from the path the process saw.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub host_path: String,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
 /// One recorded access. Every denial is recorded; allowed accesses are only counted per host.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccessRecord {
@@ -66,4 +94,5 @@ pub struct AccessRecord {
     pub uid: u32,
     pub exe: String,
     pub decided_by: DecidedBy,
+    pub context: AccessContext,
 }

@@ -4,11 +4,13 @@
 pub mod digest;
 pub mod event;
 pub mod policy;
+pub mod tenancy;
 pub mod verdict;
 
 pub use digest::{ParseSha256Error, Sha256, Sha256Hasher};
-pub use event::{AccessRecord, DEFAULT_TENANT, DecidedBy};
+pub use event::{AccessContext, AccessRecord, DEFAULT_TENANT, DecidedBy};
 pub use policy::{Action, FailMode, Policy};
+pub use tenancy::{EffectivePolicy, PoolKey, Tenancy, TenancyConfig};
 pub use verdict::{AccessKind, ScannerIdentity, Verdict, VerdictKind};
 
 /// Milliseconds since the Unix epoch, the one timestamp representation of the domain.

@@ -37,10 +37,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 mod parse;
+mod pidfd;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 pub use parse::ParseError;
+pub use pidfd::{PidfdInfo, pidfd_info, pidfd_inode, pidfd_open};
 
 /// The event mask of a content scanner: opens and opens for execution, as permission events.
 pub const PERMISSION_MASK: u64 = libc::FAN_OPEN_PERM | libc::FAN_OPEN_EXEC_PERM;

@@ -174,6 +174,84 @@ impl From<v1::Policy> for core::Policy {
     }
 }
 
+impl From<&core::tenancy::Exclusions> for v1::Exclusions {
+    fn from(e: &core::tenancy::Exclusions) -> Self {
+        v1::Exclusions {
+            paths: e.paths.clone(),
+            images: e.images.clone(),
+            namespaces: e.namespaces.clone(),
+        }
+    }
+}
+
+impl From<v1::Exclusions> for core::tenancy::Exclusions {
+    fn from(e: v1::Exclusions) -> Self {
+        core::tenancy::Exclusions {
+            paths: e.paths,
+            images: e.images,
+            namespaces: e.namespaces,
+        }
+    }
+}
+
+impl From<&core::tenancy::TenantPolicy> for v1::TenantPolicy {
+    fn from(p: &core::tenancy::TenantPolicy) -> Self {
+        v1::TenantPolicy {
+            tenant: p.tenant.clone(),
+            namespace: p.namespace.clone().unwrap_or_default(),
+            policy: Some((&p.policy).into()),
+            exec_only: p.exec_only,
+            exclusions: Some((&p.exclusions).into()),
+            pools: p.pools.clone(),
+        }
+    }
+}
+
+impl From<v1::TenantPolicy> for core::tenancy::TenantPolicy {
+    /// A missing policy is the default one (fail open): the set's version still rules out
+    /// older sets.
+    fn from(p: v1::TenantPolicy) -> Self {
+        core::tenancy::TenantPolicy {
+            tenant: p.tenant,
+            namespace: non_empty(p.namespace),
+            policy: p.policy.map(Into::into).unwrap_or_default(),
+            exec_only: p.exec_only,
+            exclusions: p.exclusions.map(Into::into).unwrap_or_default(),
+            pools: p.pools,
+        }
+    }
+}
+
+impl From<&core::tenancy::PolicySet> for v1::PolicySet {
+    fn from(s: &core::tenancy::PolicySet) -> Self {
+        v1::PolicySet {
+            version: s.version,
+            default_tenant: s.default_tenant.clone(),
+            namespace_label: s.namespace_label.clone(),
+            namespace_tenants: s
+                .namespace_tenants
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            policies: s.policies.iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl From<v1::PolicySet> for core::tenancy::PolicySet {
+    /// An empty default tenant is the fleet operator's, [`core::DEFAULT_TENANT`].
+    fn from(s: v1::PolicySet) -> Self {
+        core::tenancy::PolicySet {
+            version: s.version,
+            default_tenant: non_empty(s.default_tenant)
+                .unwrap_or_else(|| core::DEFAULT_TENANT.to_owned()),
+            namespace_label: s.namespace_label,
+            namespace_tenants: s.namespace_tenants.into_iter().collect(),
+            policies: s.policies.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
 fn non_empty(s: String) -> Option<String> {
     if s.is_empty() { None } else { Some(s) }
 }
@@ -217,5 +295,48 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(core::Policy::from(v1::Policy::from(&p)), p);
+    }
+
+    #[test]
+    fn policy_sets_round_trip() {
+        use std::collections::BTreeMap;
+
+        use fleetscan_core::tenancy::{Exclusions, PolicyPatch, TenancyConfig, TenantConfig};
+
+        let mut config = TenancyConfig {
+            version: 4,
+            shared_pools: vec!["clamav".into()],
+            ..TenancyConfig::default()
+        };
+        config.tenants.insert(
+            "acme".into(),
+            TenantConfig {
+                namespaces: vec!["shop".into()],
+                pools: vec!["yara".into()],
+                shared_pools: vec!["clamav".into()],
+                namespace_policies: BTreeMap::from([(
+                    "shop".to_owned(),
+                    PolicyPatch {
+                        exec_only: Some(true),
+                        exclusions: Some(Exclusions {
+                            paths: vec!["/tmp".into()],
+                            images: vec!["x/*".into()],
+                            namespaces: vec!["kube-*".into()],
+                        }),
+                        ..PolicyPatch::default()
+                    },
+                )]),
+                ..TenantConfig::default()
+            },
+        );
+        let set = core::Tenancy::new(&core::Policy::default(), &config)
+            .unwrap()
+            .policy_set();
+        let wire = v1::PolicySet::from(&set);
+        assert_eq!(
+            wire.namespace_tenants.get("shop").map(String::as_str),
+            Some("acme")
+        );
+        assert_eq!(core::tenancy::PolicySet::from(wire), set);
     }
 }

@@ -127,6 +127,7 @@ macro_rules! on_pool {
 
 // After `on_pool!`, which it uses (macros are visible only below their definition).
 mod fleet;
+mod tenant_verdicts;
 
 /// How long a call waits for a pooled connection before reporting the store unavailable.
 /// Short, because the broker answers agents under deadlines of a few seconds and would rather
@@ -142,18 +143,18 @@ const VERDICT_COLUMNS: &str = "sha256, scanner, engine, engine_version, ruleset_
      result, threat_name, detail, scanned_at_unix_ms, scan_micros";
 
 const ACCESS_COLUMNS: &str = "at_unix_ms, tenant, node, path, kind, action, reason, sha256, \
-     threat_name, pid, uid, exe, decided_by";
+     threat_name, pid, uid, exe, decided_by, context";
 
 const HOST_COLUMNS: &str = "tenant, node, cluster, agent_version, first_seen_unix_ms, \
      last_seen_unix_ms, allowed_count, denied_count";
 
-/// Rows per SQLite insert statement: 13 parameters a row stays well under SQLite's limit of
+/// Rows per SQLite insert statement: 14 parameters a row stays well under SQLite's limit of
 /// 32766 bind parameters.
 const SQLITE_INSERT_CHUNK: usize = 500;
 
 /// `INSERT INTO accesses (...) VALUES (?, ...), ... RETURNING id` for `rows` rows.
 fn sqlite_insert_accesses(rows: usize) -> String {
-    const ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+    const ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
     let mut sql = format!("INSERT INTO accesses ({ACCESS_COLUMNS}) VALUES ");
     sql.reserve(rows * (ROW.len() + 2) + 16);
     for i in 0..rows {
@@ -179,10 +180,10 @@ const ALLOCATE_ACCESS_IDS_POSTGRES: &str =
 /// One statement for the whole batch, whatever its size: columns travel as arrays (no limit on
 /// bind parameters, one prepared statement for every batch size).
 const INSERT_ACCESSES_POSTGRES: &str = "INSERT INTO accesses (id, at_unix_ms, tenant, node, path, \
-     kind, action, reason, sha256, threat_name, pid, uid, exe, decided_by) \
+     kind, action, reason, sha256, threat_name, pid, uid, exe, decided_by, context) \
      SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], \
      $6::text[], $7::text[], $8::text[], $9::bytea[], $10::text[], $11::bigint[], $12::bigint[], \
-     $13::text[], $14::text[])";
+     $13::text[], $14::text[], $15::text[])";
 
 /// The latest hello wins for cluster, version and last_seen; first_seen is the earliest time
 /// ever given (a row created by `add_host_counts` carries the time of that call).
@@ -513,7 +514,8 @@ impl Store {
                             .bind(i64::from(r.pid))
                             .bind(i64::from(r.uid))
                             .bind(&r.exe)
-                            .bind(r.decided_by.as_str());
+                            .bind(r.decided_by.as_str())
+                            .bind(rows::context_json(&r.context));
                     }
                     let mut chunk_ids = query.fetch_all(&mut *tx).await?;
                     chunk_ids.sort_unstable();
@@ -549,6 +551,7 @@ impl Store {
                     .bind(columns.uid)
                     .bind(columns.exe)
                     .bind(columns.decided_by)
+                    .bind(columns.context)
                     .execute(pool)
                     .await?;
                 Ok(ids)

@@ -24,6 +24,16 @@ pub(crate) const SQLITE: &[Embedded] = &[
         "fleet",
         include_str!("../../../migrations/sqlite/0002_fleet.sql"),
     ),
+    (
+        3,
+        "tenant_verdicts",
+        include_str!("../../../migrations/sqlite/0003_tenant_verdicts.sql"),
+    ),
+    (
+        4,
+        "access_context",
+        include_str!("../../../migrations/sqlite/0004_access_context.sql"),
+    ),
 ];
 
 pub(crate) const POSTGRES: &[Embedded] = &[
@@ -36,6 +46,16 @@ pub(crate) const POSTGRES: &[Embedded] = &[
         2,
         "fleet",
         include_str!("../../../migrations/postgres/0002_fleet.sql"),
+    ),
+    (
+        3,
+        "tenant_verdicts",
+        include_str!("../../../migrations/postgres/0003_tenant_verdicts.sql"),
+    ),
+    (
+        4,
+        "access_context",
+        include_str!("../../../migrations/postgres/0004_access_context.sql"),
     ),
 ];
 

@@ -26,7 +26,7 @@ pub(crate) type VerdictRow = (
 );
 
 /// id, at_unix_ms, tenant, node, path, kind, action, reason, sha256, threat_name, pid, uid, exe,
-/// decided_by.
+/// decided_by, context.
 pub(crate) type AccessRow = (
     i64,
     i64,
@@ -40,6 +40,7 @@ pub(crate) type AccessRow = (
     Option<String>,
     i64,
     i64,
+    String,
     String,
     String,
 );
@@ -72,8 +73,8 @@ pub(crate) fn access(row: AccessRow) -> Result<(i64, AccessRecord), StoreError> 
     const T: &str = "accesses";
     let (id, at_unix_ms, tenant, node, path, kind, action, reason) =
         (row.0, row.1, row.2, row.3, row.4, row.5, row.6, row.7);
-    let (sha, threat_name, pid, uid, exe, decided_by) =
-        (row.8, row.9, row.10, row.11, row.12, row.13);
+    let (sha, threat_name, pid, uid, exe, decided_by, context) =
+        (row.8, row.9, row.10, row.11, row.12, row.13, row.14);
     let record = AccessRecord {
         at_unix_ms,
         tenant,
@@ -89,6 +90,8 @@ pub(crate) fn access(row: AccessRow) -> Result<(i64, AccessRecord), StoreError> 
         exe,
         decided_by: DecidedBy::parse(&decided_by)
             .ok_or_else(|| StoreError::corrupt(T, "decided_by", decided_by))?,
+        context: serde_json::from_str(&context)
+            .map_err(|_| StoreError::corrupt(T, "context", context))?,
     };
     Ok((id, record))
 }
@@ -121,6 +124,7 @@ pub(crate) struct AccessColumns<'a> {
     pub uid: Vec<i64>,
     pub exe: Vec<&'a str>,
     pub decided_by: Vec<&'static str>,
+    pub context: Vec<String>,
 }
 
 impl<'a> AccessColumns<'a> {
@@ -142,8 +146,14 @@ impl<'a> AccessColumns<'a> {
             uid: records.iter().map(|r| i64::from(r.uid)).collect(),
             exe: records.iter().map(|r| r.exe.as_str()).collect(),
             decided_by: records.iter().map(|r| r.decided_by.as_str()).collect(),
+            context: records.iter().map(|r| context_json(&r.context)).collect(),
         }
     }
+}
+
+/// The `context` column of an access: its JSON object.
+pub(crate) fn context_json(c: &fleetscan_core::AccessContext) -> String {
+    serde_json::to_string(c).expect("a struct of strings and numbers serializes")
 }
 
 /// An unsigned value for a signed 64-bit column; values above `i64::MAX` are refused.

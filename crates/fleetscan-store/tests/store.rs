@@ -81,6 +81,20 @@ fn access(
         } else {
             DecidedBy::AgentNoBroker
         },
+        // Every other access from a container, with a path the JSON must escape.
+        context: if i.is_multiple_of(2) {
+            fleetscan_core::AccessContext {
+                ns_pid: 7,
+                cgroup: format!("/kubepods.slice/cri-containerd-{i:064}.scope"),
+                container_id: format!("{i:064}"),
+                pod_uid: "0f3c2b1a-1111-2222-3333-444455556666".into(),
+                namespace: "shop".into(),
+                image: "registry.example/app:1".into(),
+                host_path: format!("/var/lib/containerd/\"x\"/file-{i}"),
+            }
+        } else {
+            Default::default()
+        },
     }
 }
 

@@ -14,6 +14,7 @@
 //! reused pid is never hit) and deletes the links and namespaces. The sandbox never touches a
 //! process, link or namespace it did not create.
 
+pub mod container;
 pub mod host;
 
 use std::io::{BufRead, BufReader, Write};
@@ -687,6 +688,25 @@ pub async fn stats(url: &str) -> v1::Stats {
         .await
         .expect("GetStats")
         .into_inner()
+}
+
+/// Every recorded access of `tenant` at the broker at `url`, newest first (up to 1000).
+pub async fn events_of(url: &str, tenant: &str) -> Vec<v1::AccessEvent> {
+    let mut request = tonic::Request::new(v1::ListEventsRequest {
+        limit: 1000,
+        ..Default::default()
+    });
+    request.metadata_mut().insert(
+        "fleetscan-tenant",
+        tenant.parse().expect("a tenant name is a header value"),
+    );
+    admin(url)
+        .await
+        .list_events(request)
+        .await
+        .expect("ListEvents")
+        .into_inner()
+        .events
 }
 
 /// Every recorded access of the broker at `url`, newest first (up to 1000).

@@ -4,6 +4,7 @@
 //!
 //! Pure logic: no I/O, no protocol types. Refusals are returned as the outcome to answer with.
 
+use bytes::{Bytes, BytesMut};
 use fleetscan_core::Sha256;
 use tokio::time::Instant;
 
@@ -18,7 +19,8 @@ pub(crate) struct Assembly {
     pub(crate) sha256: Sha256,
     pub(crate) deadline: Instant,
     size: u64,
-    data: Vec<u8>,
+    /// Bytes received so far, when the content came in more than one chunk.
+    data: BytesMut,
 }
 
 /// What one chunk did to an assembly.
@@ -27,7 +29,7 @@ pub(crate) enum Push {
     /// More chunks are expected.
     More,
     /// The content is whole; it still has to be verified against its digest.
-    Complete(Vec<u8>),
+    Complete(Bytes),
     /// The job cannot be completed; answer it with this outcome and drop it.
     Refused(ScanOutcome),
 }
@@ -57,8 +59,8 @@ impl Assembly {
             sha256,
             deadline,
             size,
-            // Allocated by the first chunk, which most often is the whole content.
-            data: Vec::new(),
+            // Allocated by the second chunk: most often the first is the whole content.
+            data: BytesMut::new(),
         })
     }
 
@@ -67,13 +69,13 @@ impl Assembly {
         self.size == 0
     }
 
-    pub(crate) fn into_content(self) -> Vec<u8> {
-        self.data
+    pub(crate) fn into_content(self) -> Bytes {
+        self.data.freeze()
     }
 
-    /// Adds one chunk. Chunks must come in order, without gaps or overlaps. The first chunk's
-    /// buffer becomes the content's, so content sent in one chunk is never copied.
-    pub(crate) fn push(&mut self, offset: u64, data: Vec<u8>, last: bool) -> Push {
+    /// Adds one chunk. Chunks must come in order, without gaps or overlaps. Content sent in one
+    /// chunk is never copied: the chunk (a slice of the message it came in) is the content.
+    pub(crate) fn push(&mut self, offset: u64, data: Bytes, last: bool) -> Push {
         let received = self.data.len() as u64;
         if offset != received {
             return Push::Refused(ScanOutcome::error(
@@ -88,32 +90,35 @@ impl Assembly {
                 false,
             ));
         }
-        if self.data.is_empty() {
-            self.data = data;
-            if !last {
-                // The declared size is only a claim until the bytes arrive: reserve at most
-                // MAX_INITIAL_CAPACITY up front, and let the rest grow as it comes.
-                let expected = self.size.min(MAX_INITIAL_CAPACITY.max(total));
-                let more = usize::try_from(expected - total).unwrap_or(0);
-                self.data.reserve_exact(more);
+        if received == 0 && last {
+            if total != self.size {
+                return Push::Refused(short(total, self.size));
             }
-        } else {
-            self.data.extend_from_slice(&data);
+            return Push::Complete(data);
         }
+        if received == 0 {
+            // The declared size is only a claim until the bytes arrive: reserve at most
+            // MAX_INITIAL_CAPACITY up front, and let the rest grow as it comes.
+            let expected = self.size.min(MAX_INITIAL_CAPACITY.max(total));
+            self.data = BytesMut::with_capacity(usize::try_from(expected).unwrap_or(0));
+        }
+        self.data.extend_from_slice(&data);
         if !last {
             return Push::More;
         }
         if total != self.size {
-            return Push::Refused(ScanOutcome::error(
-                format!(
-                    "content ended at {total} bytes but {} were declared",
-                    self.size
-                ),
-                false,
-            ));
+            return Push::Refused(short(total, self.size));
         }
-        Push::Complete(std::mem::take(&mut self.data))
+        Push::Complete(std::mem::take(&mut self.data).freeze())
     }
+}
+
+/// The refusal of content that ended before its declared size.
+fn short(total: u64, size: u64) -> ScanOutcome {
+    ScanOutcome::error(
+        format!("content ended at {total} bytes but {size} were declared"),
+        false,
+    )
 }
 
 #[cfg(test)]
@@ -136,10 +141,16 @@ mod tests {
     #[test]
     fn chunks_in_order_make_the_content() {
         let mut a = start(10, 0).unwrap();
-        assert!(matches!(a.push(0, b"0123".to_vec(), false), Push::More));
-        assert!(matches!(a.push(4, b"456".to_vec(), false), Push::More));
-        match a.push(7, b"789".to_vec(), true) {
-            Push::Complete(content) => assert_eq!(content, b"0123456789"),
+        assert!(matches!(
+            a.push(0, Bytes::from_static(b"0123"), false),
+            Push::More
+        ));
+        assert!(matches!(
+            a.push(4, Bytes::from_static(b"456"), false),
+            Push::More
+        ));
+        match a.push(7, Bytes::from_static(b"789"), true) {
+            Push::Complete(content) => assert_eq!(&content[..], b"0123456789"),
             other => panic!("{other:?}"),
         }
     }
@@ -162,8 +173,11 @@ mod tests {
     #[test]
     fn more_bytes_than_declared_are_refused() {
         let mut a = start(5, 0).unwrap();
-        assert!(matches!(a.push(0, b"abc".to_vec(), false), Push::More));
-        let outcome = refused(a.push(3, b"def".to_vec(), false));
+        assert!(matches!(
+            a.push(0, Bytes::from_static(b"abc"), false),
+            Push::More
+        ));
+        let outcome = refused(a.push(3, Bytes::from_static(b"def"), false));
         assert!(!outcome.retryable);
         assert!(outcome.detail.unwrap().contains("declared size"));
     }
@@ -171,23 +185,29 @@ mod tests {
     #[test]
     fn short_content_gaps_and_overlaps_are_refused() {
         let mut short = start(5, 0).unwrap();
-        assert!(!refused(short.push(0, b"abc".to_vec(), true)).retryable);
+        assert!(!refused(short.push(0, Bytes::from_static(b"abc"), true)).retryable);
         let mut gap = start(5, 0).unwrap();
-        assert!(matches!(gap.push(0, b"ab".to_vec(), false), Push::More));
-        refused(gap.push(3, b"de".to_vec(), true));
+        assert!(matches!(
+            gap.push(0, Bytes::from_static(b"ab"), false),
+            Push::More
+        ));
+        refused(gap.push(3, Bytes::from_static(b"de"), true));
         let mut overlap = start(5, 0).unwrap();
-        assert!(matches!(overlap.push(0, b"ab".to_vec(), false), Push::More));
-        refused(overlap.push(1, b"bcde".to_vec(), true));
+        assert!(matches!(
+            overlap.push(0, Bytes::from_static(b"ab"), false),
+            Push::More
+        ));
+        refused(overlap.push(1, Bytes::from_static(b"bcde"), true));
     }
 
     #[test]
     fn content_in_one_chunk_keeps_its_buffer() {
         let mut a = start(5, 0).unwrap();
-        let chunk = b"whole".to_vec();
+        let chunk = Bytes::from(b"whole".to_vec());
         let at = chunk.as_ptr();
         match a.push(0, chunk, true) {
             Push::Complete(content) => {
-                assert_eq!(content, b"whole");
+                assert_eq!(&content[..], b"whole");
                 assert_eq!(content.as_ptr(), at, "not copied");
             }
             other => panic!("{other:?}"),

@@ -2,7 +2,9 @@
 //! at once in total, on blocking threads.
 //!
 //! A job ready to scan is queued; a runner (a blocking task) takes jobs off the queue one after
-//! the other until it is empty, and a new runner is started only while fewer than `credits` run.
+//! the other until it is empty. A runner is started only when no runner is free to look at the
+//! queue, and a runner that takes a job while more wait starts the next one (up to `credits`
+//! runners): one thread wake for a burst of quick scans, as many runners as slow scans need.
 //! Under load a runner goes from one job to the next without a thread hand-off, which matters
 //! when scans are quick: waking a thread per job cost more than the scan.
 //!
@@ -15,6 +17,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use bytes::Bytes;
 use fleetscan_core::Sha256;
 use tokio::sync::mpsc;
 use tracing::warn;
@@ -25,7 +28,7 @@ use crate::{ScanOutcome, Scanner};
 pub(crate) struct ScanJob {
     pub(crate) job_id: u64,
     pub(crate) expected: Sha256,
-    pub(crate) content: Vec<u8>,
+    pub(crate) content: Bytes,
     /// Set by the session when the broker cancels the job.
     pub(crate) cancelled: Arc<AtomicBool>,
     /// The session's inbox of finished scans. Unbounded, yet bounded by the session: it holds
@@ -53,6 +56,22 @@ struct State {
     queue: VecDeque<ScanJob>,
     /// Runners started and not yet ended; each scans at most one job at a time.
     runners: usize,
+    /// Runners not scanning: started and not yet running, or between two jobs. Each of them
+    /// looks at the queue before it ends, so a job queued meanwhile needs no new runner.
+    free: usize,
+}
+
+impl State {
+    /// Counts one more runner when a queued job has no free runner to take it and the limit
+    /// allows; the caller starts it.
+    fn needs_runner(&mut self, limit: usize) -> bool {
+        let start = !self.queue.is_empty() && self.free == 0 && self.runners < limit;
+        if start {
+            self.runners += 1;
+            self.free += 1;
+        }
+        start
+    }
 }
 
 impl ScanPool {
@@ -67,38 +86,60 @@ impl ScanPool {
 
     /// Queues a job; it is scanned as soon as a slot is free. Must be called within a tokio
     /// runtime (runners are blocking tasks).
+    #[cfg(test)]
     pub(crate) fn submit(self: &Arc<Self>, job: ScanJob) {
+        self.submit_all(std::iter::once(job));
+    }
+
+    /// Queues jobs, all under one lock and with at most one runner started. Must be called
+    /// within a tokio runtime (runners are blocking tasks).
+    pub(crate) fn submit_all(self: &Arc<Self>, jobs: impl IntoIterator<Item = ScanJob>) {
         let start_runner = {
             let mut state = self.lock();
-            state.queue.push_back(job);
-            let start = state.runners < self.limit;
-            if start {
-                state.runners += 1;
-            }
-            start
+            state.queue.extend(jobs);
+            state.needs_runner(self.limit)
         };
         if start_runner {
-            let pool = Arc::clone(self);
-            // Detached: the runner reports through each job's `done` channel.
-            drop(tokio::task::spawn_blocking(move || pool.run_queue()));
+            self.start_runner();
         }
     }
 
+    fn start_runner(self: &Arc<Self>) {
+        let pool = Arc::clone(self);
+        // Detached: the runner reports through each job's `done` channel.
+        drop(tokio::task::spawn_blocking(move || pool.run_queue()));
+    }
+
     /// Scans queued jobs until there are none; the runner count drops under the same lock that
-    /// `submit` queues under, so a job is never left without a runner.
-    fn run_queue(&self) {
+    /// `submit_all` queues under, so a job is never left without a runner.
+    fn run_queue(self: Arc<Self>) {
+        let mut scanned = false;
         loop {
-            let job = {
+            let (job, start_another) = {
                 let mut state = self.lock();
+                if scanned {
+                    // Free again, under the same lock as the next look at the queue.
+                    state.free += 1;
+                }
                 match state.queue.pop_front() {
-                    Some(job) => job,
+                    Some(job) => {
+                        state.free -= 1;
+                        // More jobs wait and nobody else is free to take them: another runner
+                        // takes the next while this one scans.
+                        (job, state.needs_runner(self.limit))
+                    }
                     None => {
                         state.runners -= 1;
+                        state.free -= 1;
                         return;
                     }
                 }
             };
+            if start_another {
+                self.start_runner();
+            }
             self.run_one(job);
+            scanned = true;
         }
     }
 
@@ -178,7 +219,7 @@ mod tests {
         let job = ScanJob {
             job_id,
             expected: Sha256::of(content),
-            content: content.to_vec(),
+            content: Bytes::copy_from_slice(content),
             cancelled: cancelled.clone(),
             done: done.clone(),
         };
@@ -205,6 +246,36 @@ mod tests {
         // Every runner ended once the queue was empty.
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(pool.lock().runners, 0);
+    }
+
+    /// A burst handed over at once starts one runner; each runner that takes a job while more
+    /// wait starts the next, so slow scans still run `limit` at once, and never more.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_starts_runners_one_by_one_up_to_the_limit() {
+        let scanner = Arc::new(Counting::default());
+        let pool = ScanPool::new(scanner.clone(), 4);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let burst: Vec<_> = (0..30)
+            .map(|i| job(i, format!("burst {i}").as_bytes(), &tx).0)
+            .collect();
+        pool.submit_all(burst);
+        {
+            let state = pool.lock();
+            assert!(
+                state.runners <= 1,
+                "one runner for the burst, not one per job"
+            );
+        }
+        let mut ids = Vec::new();
+        for _ in 0..30 {
+            ids.push(rx.recv().await.unwrap().job_id);
+        }
+        ids.sort_unstable();
+        assert_eq!(ids, (0..30).collect::<Vec<_>>());
+        assert_eq!(scanner.max_active.load(Ordering::SeqCst), 4);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let state = pool.lock();
+        assert_eq!((state.runners, state.free), (0, 0));
     }
 
     #[tokio::test]

@@ -12,8 +12,10 @@ use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
+use bytes::Bytes;
 use fleetscan_core::{ScannerIdentity, Sha256, now_unix_ms};
 use fleetscan_proto::v1::worker_command::Msg as Command;
 use fleetscan_proto::v1::worker_message::Msg as Message;
@@ -23,8 +25,8 @@ use fleetscan_proto::{MAX_MESSAGE_SIZE, convert};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior, interval, sleep, timeout_at};
-use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt as _};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status, Streaming};
 use tracing::{debug, error, info, warn};
@@ -113,7 +115,8 @@ pub(crate) async fn run_with_timing(
             .tcp_nodelay(true)
             // Room for a few chunks in flight on the one stream that carries every job.
             .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(STREAM_WINDOW);
+            .initial_connection_window_size(STREAM_WINDOW)
+            .max_frame_size(MAX_FRAME);
         endpoints.push((broker.clone(), endpoint));
     }
     let identity = scanner.identity();
@@ -183,6 +186,15 @@ pub(crate) async fn run_with_timing(
         }
     }
 }
+
+/// Commands already received that one turn of the session handles before it hands the scans
+/// they made ready to the pool together (and grants the credits they freed in one message).
+const MAX_BATCH: usize = 256;
+
+/// Largest HTTP/2 frame the broker may send the worker: a whole content chunk (1 MiB) and its
+/// envelope in one frame rather than 64 frames of the default 16 KiB, each with its own header,
+/// flow-control accounting and wake-up.
+const MAX_FRAME: u32 = 2 * 1024 * 1024;
 
 /// HTTP/2 receive window of the worker's streams: the broker sends a job's chunks back to
 /// back, and the default window (64 KiB) would make it wait for a window update every 64 KiB.
@@ -268,6 +280,9 @@ struct Session<'a> {
     /// its end (a blocking scan cannot be interrupted) and still holds its credit until then,
     /// but its result is not sent; one cancelled before its turn is not scanned at all.
     scanning: HashMap<u64, Arc<AtomicBool>>,
+    /// Contents complete and verified to be wanted, not yet handed to the pool: they go
+    /// together at the end of the session's turn (see `MAX_BATCH`).
+    ready: Vec<ScanJob>,
     /// Finished scans, from the pool.
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
@@ -313,6 +328,7 @@ impl<'a> Session<'a> {
             tx,
             assembling: HashMap::new(),
             scanning: HashMap::new(),
+            ready: Vec::new(),
             done_tx,
             done_rx,
             outstanding: 0,
@@ -359,6 +375,13 @@ impl<'a> Session<'a> {
                 })),
                 _ = housekeeping.tick() => self.housekeeping(),
             };
+            let step = match step {
+                Ok(()) => self.take_received(&mut inbound).await,
+                Err(end) => Err(end),
+            };
+            if !self.ready.is_empty() {
+                self.shared.pool.submit_all(self.ready.drain(..));
+            }
             if let Err(end) = step.and_then(|()| self.grant_freed()) {
                 return end;
             }
@@ -366,6 +389,30 @@ impl<'a> Session<'a> {
                 return self.close(inbound).await;
             }
         }
+    }
+
+    /// Handles the commands that already arrived, without waiting for more: at high job rates
+    /// one read from the broker holds many, and their scans are best handed over together.
+    async fn take_received(&mut self, inbound: &mut Streaming<WorkerCommand>) -> Result<(), End> {
+        for _ in 1..MAX_BATCH {
+            // Polled once with the session's own context: when nothing is there, the select
+            // in `serve` is woken for the next message as usual.
+            let polled =
+                std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *inbound).poll_next(cx))).await;
+            match polled {
+                Poll::Pending => return Ok(()),
+                Poll::Ready(Some(Ok(cmd))) => {
+                    self.last_heard = Instant::now();
+                    self.on_command(cmd)?;
+                }
+                Poll::Ready(Some(Err(status))) => {
+                    return Err(lost(true, format!("stream failed: {status}")));
+                }
+                Poll::Ready(None) if self.drain_deadline.is_some() => return Err(End::Shutdown),
+                Poll::Ready(None) => return Err(lost(true, "broker closed the stream")),
+            }
+        }
+        Ok(())
     }
 
     fn on_command(&mut self, cmd: WorkerCommand) -> Result<(), End> {
@@ -488,12 +535,13 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Hands the content to the scan pool, which verifies and scans it on a blocking thread,
-    /// at most `credits` at once over every session of every broker.
-    fn start_scan(&mut self, job_id: u64, expected: Sha256, content: Vec<u8>) {
+    /// Readies the content for the scan pool, which verifies and scans it on a blocking thread,
+    /// at most `credits` at once over every session of every broker; it is handed over at the
+    /// end of the session's turn.
+    fn start_scan(&mut self, job_id: u64, expected: Sha256, content: Bytes) {
         let cancelled = Arc::new(AtomicBool::new(false));
         self.scanning.insert(job_id, Arc::clone(&cancelled));
-        self.shared.pool.submit(ScanJob {
+        self.ready.push(ScanJob {
             job_id,
             expected,
             content,
@@ -926,7 +974,7 @@ mod tests {
         let worker = start(url);
         let mut conn = accept(&mut conns).await;
         register(&mut conn).await;
-        let content = b"hangs".to_vec();
+        let content = Bytes::from_static(b"hangs");
         for msg in [
             Command::Job(v1::Job {
                 job_id: 1,

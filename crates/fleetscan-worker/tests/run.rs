@@ -213,7 +213,7 @@ impl Conn {
         self.send(Command::Chunk(v1::JobChunk {
             job_id,
             offset,
-            data: data.to_vec(),
+            data: data.to_vec().into(),
             last,
         }))
         .await;

@@ -34,6 +34,7 @@ pub fn identity(ruleset: &str) -> ScannerIdentity {
 
 pub struct TestBroker {
     pub url: String,
+    pub engine: std::sync::Arc<fleetscan_broker::engine::Engine>,
     pub store_url: String,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), BrokerError>>>,
@@ -59,6 +60,7 @@ impl TestBroker {
         configure(&mut config);
         let store_url = config.store_url.clone();
         let broker = Broker::new(config).await.expect("broker starts");
+        let engine = broker.engine();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
@@ -69,6 +71,7 @@ impl TestBroker {
         }));
         TestBroker {
             url,
+            engine,
             store_url,
             stop: Some(stop),
             task: Some(task),
@@ -113,11 +116,33 @@ impl TestBroker {
     }
 
     pub async fn agent(&self, node: &str) -> ScriptedAgent {
-        ScriptedAgent::connect(self, node).await
+        ScriptedAgent::connect(self, hello(node)).await
+    }
+
+    /// An agent that declares `capabilities` in its hello.
+    pub async fn agent_with(&self, node: &str, capabilities: &[&str]) -> ScriptedAgent {
+        let mut hello = hello(node);
+        if let Some(agent_message::Msg::Hello(h)) = &mut hello.msg {
+            h.capabilities = capabilities.iter().map(|c| (*c).to_owned()).collect();
+        }
+        ScriptedAgent::connect(self, hello).await
     }
 
     pub async fn worker(&self, name: &str, identity: &ScannerIdentity) -> ScriptedWorker {
-        ScriptedWorker::connect(self, name, identity).await
+        ScriptedWorker::connect(self, name, identity, "", &[])
+            .await
+            .expect("attach accepted")
+    }
+
+    /// A worker of `pool` for `tenants`; the broker's refusal as an error.
+    pub async fn worker_in(
+        &self,
+        name: &str,
+        identity: &ScannerIdentity,
+        pool: &str,
+        tenants: &[&str],
+    ) -> Result<ScriptedWorker, Status> {
+        ScriptedWorker::connect(self, name, identity, pool, tenants).await
     }
 
     pub async fn stats(&self) -> v1::Stats {
@@ -148,6 +173,8 @@ pub struct ScriptedAgent {
     /// Content requests received, by request id.
     pub content_requests: Vec<u64>,
     pub flushes: Vec<v1::CacheFlush>,
+    /// Policy updates received, in order (the first comes right after SessionAccepted).
+    pub policies: Vec<v1::PolicyUpdate>,
 }
 
 pub fn hello(node: &str) -> v1::AgentMessage {
@@ -163,10 +190,10 @@ pub fn hello(node: &str) -> v1::AgentMessage {
 }
 
 impl ScriptedAgent {
-    async fn connect(broker: &TestBroker, node: &str) -> ScriptedAgent {
+    async fn connect(broker: &TestBroker, hello: v1::AgentMessage) -> ScriptedAgent {
         let mut client = AgentServiceClient::new(broker.channel().await);
         let (tx, rx) = mpsc::channel(256);
-        tx.send(hello(node)).await.unwrap();
+        tx.send(hello).await.unwrap();
         let mut inbound = client
             .session(ReceiverStream::new(rx))
             .await
@@ -187,6 +214,7 @@ impl ScriptedAgent {
             contents: HashMap::new(),
             content_requests: Vec::new(),
             flushes: Vec::new(),
+            policies: Vec::new(),
         }
     }
 
@@ -218,6 +246,59 @@ impl ScriptedAgent {
         .await;
     }
 
+    /// Asks about `content` for a process of pod namespace `namespace` (empty: a host
+    /// process) whose namespace label named `tenant`.
+    pub async fn request_from(
+        &mut self,
+        request_id: u64,
+        content: &[u8],
+        kind: v1::AccessKind,
+        namespace: &str,
+        tenant: &str,
+    ) {
+        self.contents.insert(request_id, content.to_vec());
+        self.request_raw(v1::AccessRequest {
+            request_id,
+            sha256: Sha256::of(content).to_hex(),
+            size: content.len() as u64,
+            path: format!("/data/file-{request_id}"),
+            kind: kind.into(),
+            deadline_ms: 10_000,
+            subject: Some(v1::Subject {
+                pid: 4242,
+                uid: 1000,
+                exe: "/usr/bin/cat".into(),
+                k8s_namespace: namespace.into(),
+                tenant: tenant.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await;
+    }
+
+    /// Waits for a policy update (recorded or new) within `WAIT`.
+    pub async fn policy_update(&mut self) -> v1::PolicyUpdate {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if !self.policies.is_empty() {
+                return self.policies.remove(0);
+            }
+            // Read the stream itself: `next_within` keeps policy updates aside and waits on.
+            let message = tokio::time::timeout_at(deadline, self.rx.message())
+                .await
+                .expect("a policy update in time")
+                .expect("agent stream ok")
+                .expect("agent stream open");
+            match message.msg {
+                Some(broker_message::Msg::Policy(update)) => self.policies.push(update),
+                Some(broker_message::Msg::Flush(f)) => self.flushes.push(f),
+                Some(broker_message::Msg::Heartbeat(_)) => {}
+                other => panic!("expected a policy update, got {other:?}"),
+            }
+        }
+    }
+
     pub async fn request_raw(&self, request: v1::AccessRequest) {
         self.send(agent_message::Msg::Access(request)).await;
     }
@@ -235,6 +316,9 @@ impl ScriptedAgent {
                 Ok(Ok(Some(v1::BrokerMessage {
                     msg: Some(broker_message::Msg::Heartbeat(_)),
                 }))) => continue,
+                Ok(Ok(Some(v1::BrokerMessage {
+                    msg: Some(broker_message::Msg::Policy(update)),
+                }))) => self.policies.push(update),
                 Ok(Ok(Some(message))) => return Some(Ok(message)),
             }
         }
@@ -282,7 +366,7 @@ impl ScriptedAgent {
             self.send(agent_message::Msg::Content(v1::ContentChunk {
                 request_id,
                 offset,
-                data: chunk.to_vec(),
+                data: chunk.to_vec().into(),
                 last: i + 1 == count,
             }))
             .await;
@@ -331,26 +415,24 @@ impl ScriptedWorker {
         broker: &TestBroker,
         name: &str,
         identity: &ScannerIdentity,
-    ) -> ScriptedWorker {
+        pool: &str,
+        tenants: &[&str],
+    ) -> Result<ScriptedWorker, Status> {
         let mut client = WorkerServiceClient::new(broker.channel().await);
         let (tx, rx) = mpsc::channel(64);
         tx.send(v1::WorkerMessage {
             msg: Some(worker_message::Msg::Register(v1::Register {
                 worker_name: name.into(),
                 scanner: Some(identity.into()),
-                pool: String::new(),
-                tenants: vec![],
+                pool: pool.into(),
+                tenants: tenants.iter().map(|t| (*t).to_owned()).collect(),
                 max_file_size: 0,
                 content_types: vec![],
             })),
         })
         .await
         .unwrap();
-        let mut inbound = client
-            .attach(ReceiverStream::new(rx))
-            .await
-            .expect("attach accepted")
-            .into_inner();
+        let mut inbound = client.attach(ReceiverStream::new(rx)).await?.into_inner();
         let first = tokio::time::timeout(WAIT, inbound.message())
             .await
             .expect("Registered in time")
@@ -359,11 +441,11 @@ impl ScriptedWorker {
         let Some(worker_command::Msg::Registered(registered)) = first.msg else {
             panic!("expected Registered, got {first:?}")
         };
-        ScriptedWorker {
+        Ok(ScriptedWorker {
             tx,
             rx: inbound,
             registered,
-        }
+        })
     }
 
     pub async fn send(&self, msg: worker_message::Msg) {
