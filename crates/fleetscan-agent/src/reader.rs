@@ -173,7 +173,7 @@ fn handle(shared: &Shared, mounts: &mut MountTable, pool: &HashPool, ev: Event) 
     // several (tenants, namespace overrides) the process is looked at first, since a decision
     // holds only within the scope it was made in.
     let (scope, subject) = shared.scope_of(pid, pidfd.as_ref());
-    if let Some(why) = scope.skip_early(kind, subject.as_ref().unwrap_or(&NOBODY)) {
+    if let Some(why) = scope.skip_early(kind, subject.as_ref()) {
         skipped(shared, &file, &why);
         return;
     }
@@ -306,21 +306,6 @@ fn overloaded(
     };
     shared.conclude(file, &outcome, v1::LocalReason::Deadline, ctx, true);
 }
-
-/// The subject of an access whose process was not looked at (one policy, no rule by image or
-/// namespace): it matches no such rule.
-static NOBODY: v1::Subject = v1::Subject {
-    pid: 0,
-    ns_pid: 0,
-    uid: 0,
-    exe: String::new(),
-    cgroup: String::new(),
-    container_id: String::new(),
-    pod_uid: String::new(),
-    k8s_namespace: String::new(),
-    tenant: String::new(),
-    image: String::new(),
-};
 
 /// An access its policy does not scan (exec-only, an exclusion): allowed at once and counted,
 /// never reported one by one nor cached (another scope may have to scan the same file).

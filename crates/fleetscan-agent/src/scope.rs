@@ -36,8 +36,6 @@ pub(crate) struct Scope {
     pub policy: Policy,
     pub exec_only: bool,
     pub exclusions: Exclusions,
-    /// The exclusions that need no path (image, namespace), checked before the path is read.
-    early: Exclusions,
 }
 
 impl Scope {
@@ -50,46 +48,34 @@ impl Scope {
             policy,
             exec_only: false,
             exclusions: Exclusions::default(),
-            early: Exclusions::default(),
         }
     }
 
     fn with_rules(mut self, exec_only: bool, exclusions: &Exclusions) -> Scope {
         self.exec_only = exec_only;
         self.exclusions = exclusions.clone();
-        self.early = Exclusions {
-            paths: Vec::new(),
-            ..exclusions.clone()
-        };
         self
     }
 
     /// Why the access needs no scan, judged without its path: an open under exec-only, an
-    /// excluded image or namespace.
-    pub fn skip_early(&self, kind: AccessKind, subject: &v1::Subject) -> Option<String> {
+    /// excluded image or namespace. `subject` is `None` when the process was not looked at
+    /// (nothing of this scope needs it): it matches no image or namespace rule.
+    pub fn skip_early(&self, kind: AccessKind, subject: Option<&v1::Subject>) -> Option<String> {
         if self.exec_only && kind == AccessKind::Open {
-            return Some("exec-only: opens are not scanned".into());
+            return Some(fleetscan_core::tenancy::EXEC_ONLY.into());
         }
-        self.early
-            .excludes("", &subject.image, &subject.k8s_namespace)
+        let s = subject?;
+        self.exclusions.excludes_origin(&s.image, &s.k8s_namespace)
     }
 
     /// Why the access needs no scan by its path (as the opening process sees it).
     pub fn skip_path(&self, path: &str) -> Option<String> {
-        if self.exclusions.paths.is_empty() {
-            return None;
-        }
-        Exclusions {
-            images: Vec::new(),
-            namespaces: Vec::new(),
-            paths: self.exclusions.paths.clone(),
-        }
-        .excludes(path, "", "")
+        self.exclusions.excludes_path(path)
     }
 
     /// Whether anything of this scope needs the process examined before deciding.
     fn looks_at_subject(&self) -> bool {
-        !self.early.is_empty()
+        !self.exclusions.images.is_empty() || !self.exclusions.namespaces.is_empty()
     }
 }
 
@@ -171,6 +157,11 @@ impl Policies {
         self.single = Arc::new(s);
     }
 
+    /// The session's policy (the operator's), as this agent applies it.
+    pub fn session_policy(&self) -> &Policy {
+        &self.single.policy
+    }
+
     /// The scope when the process need not be looked at.
     pub fn single(&self) -> Arc<Scope> {
         self.single.clone()
@@ -187,12 +178,9 @@ impl Policies {
             return self.single.clone();
         };
         let tenant = set.tenant_of(&subject.k8s_namespace, labelled).to_owned();
-        let found = set.resolve(&tenant, &subject.k8s_namespace).and_then(|p| {
-            set.policies
-                .iter()
-                .position(|q| std::ptr::eq(p, q))
-                .and_then(|i| self.scopes.get(i))
-        });
+        let found = set
+            .resolve_index(&tenant, &subject.k8s_namespace)
+            .and_then(|i| self.scopes.get(i));
         subject.tenant = tenant;
         // A set without the operator's policy is malformed; the session's policy decides.
         found.cloned().unwrap_or_else(|| self.single.clone())
@@ -273,12 +261,15 @@ mod tests {
             (2, "acme"),
             "labelled, with overrides"
         );
-        assert!(scope.skip_early(AccessKind::Open, &s).is_some());
-        assert!(scope.skip_early(AccessKind::Exec, &s).is_none());
+        assert!(scope.skip_early(AccessKind::Open, Some(&s)).is_some());
+        assert!(scope.skip_early(AccessKind::Exec, Some(&s)).is_none());
         let mut s = subject("web", "registry.globex/cache-7");
         let scope = p.scope(&mut s, "globex");
         assert_eq!(scope.id, 3);
-        assert!(scope.skip_early(AccessKind::Open, &s).is_some(), "image");
+        assert!(
+            scope.skip_early(AccessKind::Open, Some(&s)).is_some(),
+            "image"
+        );
         assert!(scope.skip_path("/var/log/x").is_some());
         assert!(scope.skip_path("/var/lib/x").is_none());
         // A label naming no tenant of the set, and a host process: the operator's.

@@ -208,9 +208,18 @@ impl Exclusions {
     /// Why the access is excluded, or `None` when it must be scanned. Empty `image` and
     /// `namespace` (a host process, or one not attributed) match no image or namespace rule.
     pub fn excludes(&self, path: &str, image: &str, namespace: &str) -> Option<String> {
-        if let Some(p) = self.paths.iter().find(|p| path_matches(p, path)) {
-            return Some(format!("excluded path {p}"));
-        }
+        self.excludes_path(path)
+            .or_else(|| self.excludes_origin(image, namespace))
+    }
+
+    /// The path rules alone (an agent judges them once it has the opener's view of the path).
+    pub fn excludes_path(&self, path: &str) -> Option<String> {
+        let p = self.paths.iter().find(|p| path_matches(p, path))?;
+        Some(format!("excluded path {p}"))
+    }
+
+    /// The image and namespace rules alone (judged before the path is known).
+    pub fn excludes_origin(&self, image: &str, namespace: &str) -> Option<String> {
         if !image.is_empty()
             && let Some(i) = self.images.iter().find(|i| glob(i, image, false))
         {
@@ -417,11 +426,14 @@ impl EffectivePolicy {
         namespace: &str,
     ) -> Option<String> {
         if self.exec_only && kind == AccessKind::Open {
-            return Some("exec-only: opens are not scanned".into());
+            return Some(EXEC_ONLY.into());
         }
         self.exclusions.excludes(path, image, namespace)
     }
 }
+
+/// Why an exec-only policy lets a plain open through unscanned.
+pub const EXEC_ONLY: &str = "exec-only: opens are not scanned";
 
 struct TenantEntry {
     private: BTreeSet<String>,
@@ -786,23 +798,6 @@ pub struct TenantPolicy {
     pub pools: Vec<String>,
 }
 
-impl TenantPolicy {
-    /// Why an access needs no scan, or `None` when it must be asked about (see
-    /// [`EffectivePolicy::skip`]).
-    pub fn skip(
-        &self,
-        kind: AccessKind,
-        path: &str,
-        image: &str,
-        namespace: &str,
-    ) -> Option<String> {
-        if self.exec_only && kind == AccessKind::Open {
-            return Some("exec-only: opens are not scanned".into());
-        }
-        self.exclusions.excludes(path, image, namespace)
-    }
-}
-
 /// Every policy of the fleet, as pushed to agents so that they can decide locally what needs
 /// no broker (exec-only, exclusions, oversize) and apply each tenant's deadline and fail mode.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -833,10 +828,16 @@ impl PolicySet {
     /// The policy of `namespace` within `tenant`, else the tenant's own, else the fleet
     /// operator's; `None` only for a set without the operator's policy (malformed).
     pub fn resolve(&self, tenant: &str, namespace: &str) -> Option<&TenantPolicy> {
+        self.resolve_index(tenant, namespace)
+            .map(|i| &self.policies[i])
+    }
+
+    /// [`PolicySet::resolve`], as the entry's index in `policies`.
+    pub fn resolve_index(&self, tenant: &str, namespace: &str) -> Option<usize> {
         let find = |t: &str, ns: Option<&str>| {
             self.policies
                 .iter()
-                .find(|p| p.tenant == t && p.namespace.as_deref() == ns)
+                .position(|p| p.tenant == t && p.namespace.as_deref() == ns)
         };
         (!namespace.is_empty())
             .then(|| find(tenant, Some(namespace)))
@@ -1228,7 +1229,8 @@ mod tests {
         }
         let ci = set.resolve("acme", "acme-ci").unwrap();
         assert_eq!(ci.pools, vec!["yara".to_owned()]);
-        assert!(ci.skip(AccessKind::Open, "/x", "", "acme-ci").is_some());
+        // The agent lets the namespace's plain opens through (scope.rs tests the skip itself).
+        assert!(ci.exec_only);
         assert_eq!(set.resolve("nobody", "").unwrap().tenant, DEFAULT_TENANT);
     }
 
