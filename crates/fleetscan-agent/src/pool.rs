@@ -175,17 +175,19 @@ pub(crate) fn hash_version(file: &File, limit: u64, buf: &mut [u8]) -> Result<Ha
 }
 
 fn process(shared: &Shared, id: u64, buf: &mut [u8]) {
-    let Some((file, key, pid)) = shared
-        .pending
-        .with(id, |ev| (ev.file.clone(), ev.key, ev.pid))
-    else {
+    // One look at the pending event: what this thread needs of it, taken under one lock.
+    let Some((file, key, pid, pidfd, scope, resolved, seen)) = shared.pending.with(id, |ev| {
+        (
+            ev.file.clone(),
+            ev.key,
+            ev.pid,
+            ev.pidfd.clone(),
+            ev.scope.clone(),
+            ev.subject.clone(),
+            ev.path.clone(),
+        )
+    }) else {
         return; // Answered meanwhile (deadline).
-    };
-    let Some((scope, resolved)) = shared
-        .pending
-        .with(id, |ev| (ev.scope.clone(), ev.subject.clone()))
-    else {
-        return;
     };
     let policy = &scope.policy;
     let oversize = |size: u64| {
@@ -207,33 +209,26 @@ fn process(shared: &Shared, id: u64, buf: &mut [u8]) {
         oversize(key.size);
         return;
     }
-    let pidfd = shared.pending.with(id, |ev| ev.pidfd.clone()).flatten();
     let subject = resolved.unwrap_or_else(|| shared.subject(pid, pidfd.as_deref()));
-    // The opener's view of the path, and the host's (attribution helper, issue 4).
-    let paths = shared.pending.with(id, |ev| ev.path.clone()).map(|seen| {
-        crate::paths::resolve(
-            file.as_fd(),
-            std::path::Path::new(&seen),
-            pid,
-            pidfd.as_deref(),
-        )
-    });
-    if let Some(p) = &paths {
-        shared.pending.with(id, |ev| {
-            ev.path.clone_from(&p.path);
-            ev.host_path.clone_from(&p.host_path);
-            ev.path_resolved = true;
-        });
-    }
+    // The opener's view of the path, and the host's.
+    let paths = crate::paths::resolve(
+        file.as_fd(),
+        std::path::Path::new(&seen),
+        pid,
+        pidfd.as_deref(),
+    );
     // Path exclusions are judged on the path as the opening process sees it.
-    if let Some(p) = &paths
-        && let Some(why) = scope.skip_path(&p.path)
-    {
+    if let Some(why) = scope.skip_path(&paths.path) {
         if let Some(ev) = shared.pending.take(id) {
             crate::reader::skipped(shared, &ev.file, &why);
         }
         return;
     }
+    shared.pending.with(id, |ev| {
+        ev.path.clone_from(&paths.path);
+        ev.host_path.clone_from(&paths.host_path);
+        ev.path_resolved = true;
+    });
     let hashed = match hash_version(file.as_ref(), policy.max_file_size, buf) {
         Ok(r) => r,
         Err(HashError::TooLarge(size)) => {
@@ -284,7 +279,7 @@ fn process(shared: &Shared, id: u64, buf: &mut [u8]) {
             size: len,
             subject: Some(subject),
             path: ev.path.clone(),
-            host_path: paths.map(|p| p.host_path).unwrap_or_default(),
+            host_path: paths.host_path,
             kind: convert::access_kind_to_proto(ev.kind).into(),
             deadline_ms: u32::try_from(
                 ev.deadline

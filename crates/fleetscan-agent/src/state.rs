@@ -89,10 +89,8 @@ pub(crate) struct Shared {
     pub protection: Protection,
     /// Pod metadata, filled by [`crate::pods::run`].
     pub pods: Arc<PodDirectory>,
-    /// The session's policy (the operator's): until a policy set says more, and for failures
-    /// before an access's scope is known.
-    policy: RwLock<Policy>,
-    /// The broker's policy set, as scopes.
+    /// The session's policy (the operator's: until a policy set says more, and for failures
+    /// before an access's scope is known) and the broker's policy set, as scopes.
     policies: RwLock<Policies>,
     /// The verdict cache; its lock also orders ignore-mark placement against flushes.
     cache: Mutex<VerdictCache>,
@@ -131,7 +129,6 @@ impl Shared {
             own_pid: i32::try_from(std::process::id()).expect("pid fits i32"),
             protection,
             pods: PodDirectory::new(config.pod_retention),
-            policy: RwLock::new(policy.clone()),
             policies: RwLock::new(Policies::new(policy.clone())),
             cache: Mutex::new(cache),
             pending: PendingMap::default(),
@@ -147,8 +144,7 @@ impl Shared {
             tuning,
         };
         let effective = s.effective(policy);
-        *s.policies.get_mut() = Policies::new(effective.clone());
-        *s.policy.get_mut() = effective;
+        *s.policies.get_mut() = Policies::new(effective);
         s
     }
 
@@ -183,23 +179,20 @@ impl Shared {
         pid: i32,
         pidfd: Option<&std::os::fd::OwnedFd>,
     ) -> (Arc<Scope>, Option<v1::Subject>) {
-        if !self.policies.read().needs_subject() {
-            return (self.policies.read().single(), None);
+        {
+            let policies = self.policies.read();
+            if !policies.needs_subject() {
+                return (policies.single(), None);
+            }
         }
         let (s, scope) = self.attribute(pid, pidfd);
         (scope, Some(s))
-    }
-
-    /// Whether decisions are scoped by policy (several in force): no ignore marks then.
-    pub fn scoped(&self) -> bool {
-        self.policies.read().multi()
     }
 
     /// Adopts the broker's policy set if it is newer than the one in force. Decisions cached
     /// under the old scopes, and their ignore marks, are dropped.
     pub fn set_policy_set(&self, set: fleetscan_core::tenancy::PolicySet) {
         let version = set.version;
-        let session = self.policy();
         // Under the cache lock, as every cache insert and mark: none of the old scopes'
         // decisions can be stored once the new set is in force.
         let mut c = self.cache.lock();
@@ -209,6 +202,7 @@ impl Shared {
                 debug!(version, current = cur.version(), "older policy set ignored");
                 return;
             }
+            let session = cur.session_policy().clone();
             *cur = Policies::with_set(set, session, |p| self.effective(p));
             info!(version, multi = cur.multi(), "policy set applied");
         }
@@ -227,7 +221,7 @@ impl Shared {
 
     /// The policy in force, its deadline already the effective one.
     pub fn policy(&self) -> Policy {
-        self.policy.read().clone()
+        self.policies.read().session_policy().clone()
     }
 
     fn effective(&self, mut p: Policy) -> Policy {
@@ -243,7 +237,8 @@ impl Shared {
     /// update older than the policy in force is ignored.
     pub fn set_policy(&self, p: Policy, force: bool) {
         let p = self.effective(p);
-        let mut cur = self.policy.write();
+        let mut policies = self.policies.write();
+        let cur = policies.session_policy();
         if !force && p.version < cur.version {
             debug!(
                 version = p.version,
@@ -262,8 +257,7 @@ impl Shared {
                 "policy applied"
             );
         }
-        self.policies.write().set_session_policy(p.clone());
-        *cur = p;
+        policies.set_session_policy(p);
     }
 
     /// Answers the kernel. Errors are logged: the event may already be gone (the opener was
@@ -416,7 +410,7 @@ impl Shared {
     /// not move since the event arrived and the hash is known to be of that version alone
     /// (`stable`: hashed under a read lease), and places a kernel ignore mark for it when
     /// allowed (see [`Shared::place_ignore_mark`]).
-    pub fn cache_decision(&self, ev: &PendingEvent, decision: CachedDecision) {
+    pub fn cache_decision(&self, ev: &PendingEvent, mut decision: CachedDecision) {
         if !ev.stable {
             debug!(path = %ev.path, "file had a writer while hashed, decision not cached");
             return;
@@ -430,7 +424,11 @@ impl Shared {
             debug!(path = %ev.path, "policy set changed while asking, decision not cached");
             return;
         }
-        let mark = decision.ignorable && self.config.ignore_marks && !scoped;
+        // A mark is per inode and would answer every scope's processes alike: with several
+        // policies in force no entry stands for one (the set cannot change while the cache
+        // lock is held, and a change empties the cache).
+        decision.ignorable &= !scoped;
+        let mark = decision.ignorable && self.config.ignore_marks;
         if !c.insert(ev.key, ev.scope.id, decision, ev.generation) {
             return;
         }
@@ -478,9 +476,6 @@ impl Shared {
             return;
         }
         let mut c = self.cache.lock();
-        if self.scoped() {
-            return;
-        }
         if c.get(key, scope, Instant::now())
             .is_some_and(|d| d.ignorable)
         {
