@@ -91,11 +91,27 @@ pub(crate) fn resolve_stat(
     pid: i32,
     pidfd: Option<&OwnedFd>,
 ) -> AccessPaths {
+    let key = pidfd.and_then(|fd| crate::subject::process_key(fd.as_fd()));
+    // An opener with the agent's own root and mounts (a host process) sees what the
+    // descriptor reads as: nothing to work out, nothing to check.
+    let known = key.and_then(cached_view);
+    if known.as_ref().is_some_and(|v| v.agents_view) {
+        return AccessPaths {
+            path: seen.to_string_lossy().into_owned(),
+            host_path: String::new(),
+        };
+    }
     let opener = pidfd.and_then(|fd| {
         let dir = ProcDir::open(pid, fd.as_fd())?;
-        let view = opener_view(&dir, fd)?;
+        let view = known.or_else(|| read_view(&dir, key))?;
         Some((dir, view))
     });
+    if opener.as_ref().is_some_and(|(_, v)| v.agents_view) {
+        return AccessPaths {
+            path: seen.to_string_lossy().into_owned(),
+            host_path: String::new(),
+        };
+    }
     let mut layers: Vec<PathBuf> = Vec::new();
     let container = opener
         .as_ref()
@@ -132,6 +148,9 @@ pub(crate) struct Mount {
 struct OpenerView {
     root: PathBuf,
     mounts: Vec<Mount>,
+    /// Its root is the agent's and it is in the agent's mount namespace: its paths are the
+    /// agent's.
+    agents_view: bool,
     at: Instant,
 }
 
@@ -143,27 +162,36 @@ type HostMounts = Option<(Instant, Arc<Vec<Mount>>)>;
 
 static HOST_MOUNTS: LazyLock<Mutex<HostMounts>> = LazyLock::new(|| Mutex::new(None));
 
-/// The opener's root and mount table, cached by its pidfs inode for [`MOUNTS_TTL`].
-fn opener_view(dir: &ProcDir, pidfd: &OwnedFd) -> Option<Arc<OpenerView>> {
-    let key = fleetscan_fanotify::pidfd_inode(pidfd.as_fd())
-        .ok()
-        .flatten();
-    let now = Instant::now();
-    if let Some(key) = key
-        && let Some(v) = OPENER_VIEWS.lock().get(&key)
-        && now.saturating_duration_since(v.at) < MOUNTS_TTL
-    {
-        return Some(v.clone());
-    }
+/// The cached view of the opener whose pidfs inode is `key`, if younger than [`MOUNTS_TTL`]
+/// (a mount change inside that window can only make a check fail, never pass wrongly).
+fn cached_view(key: u64) -> Option<Arc<OpenerView>> {
+    let mut views = OPENER_VIEWS.lock();
+    let v = views.get(&key)?;
+    (Instant::now().saturating_duration_since(v.at) < MOUNTS_TTL).then(|| v.clone())
+}
+
+/// The opener's root and mount table, read through its `/proc` directory and cached by its
+/// pidfs inode `key` (none: not cached).
+fn read_view(dir: &ProcDir, key: Option<u64>) -> Option<Arc<OpenerView>> {
+    static AGENT_MOUNT_NS: LazyLock<Option<PathBuf>> =
+        LazyLock::new(|| std::fs::read_link("/proc/self/ns/mnt").ok());
     let root = dir.read_link("root").ok()?;
-    let mounts = dir
-        .read("mountinfo")
-        .map(|t| parse_mounts(&t))
-        .unwrap_or_default();
+    let mount_ns = dir.read_link("ns/mnt").ok();
+    let agents_view = root == Path::new("/")
+        && mount_ns.is_some()
+        && mount_ns.as_ref() == AGENT_MOUNT_NS.as_ref();
+    let mounts = if agents_view {
+        Vec::new() // Never looked at: its paths are the agent's.
+    } else {
+        dir.read("mountinfo")
+            .map(|t| parse_mounts(&t))
+            .unwrap_or_default()
+    };
     let view = Arc::new(OpenerView {
         root,
         mounts,
-        at: now,
+        agents_view,
+        at: Instant::now(),
     });
     if let Some(key) = key {
         OPENER_VIEWS.lock().put(key, view.clone());

@@ -98,7 +98,7 @@ const ESRCH: i32 = 3;
 
 /// The pidfd's pidfs inode (see the module header), `None` where pidfds have no identity of
 /// their own. Whether pidfs exists is learned once: after that, one `statx` per call.
-fn process_key(pidfd: BorrowedFd<'_>) -> Option<u64> {
+pub(crate) fn process_key(pidfd: BorrowedFd<'_>) -> Option<u64> {
     static PIDFS: OnceLock<bool> = OnceLock::new();
     match PIDFS.get() {
         Some(true) => fleetscan_fanotify::statx_fd(pidfd).ok().map(|st| st.ino),
