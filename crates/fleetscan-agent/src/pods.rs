@@ -380,6 +380,7 @@ pub async fn run(dir: Arc<PodDirectory>, source: PodSource, node: String) {
 }
 
 async fn run_file(dir: &PodDirectory, path: &Path) {
+    // (modification time, size, inode) of the version last used.
     let mut seen: Option<(std::time::SystemTime, u64, u64)> = None;
     let mut ticker = tokio::time::interval(FILE_POLL);
     loop {
@@ -388,7 +389,7 @@ async fn run_file(dir: &PodDirectory, path: &Path) {
         let stamp = match tokio::fs::metadata(path).await {
             Ok(m) => {
                 use std::os::unix::fs::MetadataExt;
-                (m.modified().ok(), m.len(), m.ino())
+                m.modified().ok().map(|t| (t, m.len(), m.ino()))
             }
             Err(e) => {
                 if seen.is_some() {
@@ -397,7 +398,6 @@ async fn run_file(dir: &PodDirectory, path: &Path) {
                 continue;
             }
         };
-        let stamp = stamp.0.map(|t| (t, stamp.1, stamp.2));
         if stamp.is_some() && stamp == seen {
             continue;
         }
@@ -422,6 +422,29 @@ async fn run_file(dir: &PodDirectory, path: &Path) {
     }
 }
 
+/// Follows one watch: each full list (the first, and those after an error or an expired
+/// resource version) goes to `list` whole, then each change to `apply` or `delete`.
+async fn follow<K>(
+    stream: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    what: &str,
+    mut list: impl FnMut(Vec<K>),
+    mut apply: impl FnMut(K),
+    mut delete: impl FnMut(K),
+) {
+    let mut listing = Vec::new();
+    futures::pin_mut!(stream);
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(watcher::Event::Init) => listing.clear(),
+            Ok(watcher::Event::InitApply(k)) => listing.push(k),
+            Ok(watcher::Event::InitDone) => list(std::mem::take(&mut listing)),
+            Ok(watcher::Event::Apply(k)) => apply(k),
+            Ok(watcher::Event::Delete(k)) => delete(k),
+            Err(e) => warn!(error = %e, what, "watch failed; retrying"),
+        }
+    }
+}
+
 /// Watches this node's pods and every namespace through `client` until dropped. The watcher
 /// lists first, then watches, and lists again after an error or an expired resource version;
 /// a full list replaces what the directory holds (pods missing from it went away).
@@ -431,58 +454,33 @@ pub async fn run_kubernetes(dir: Arc<PodDirectory>, client: kube::Client, node: 
     let selector = format!("spec.nodeName={node}");
     let pods = watcher(pods_api, watcher::Config::default().fields(&selector)).default_backoff();
     let namespaces = watcher(ns_api, watcher::Config::default()).default_backoff();
-    let pods_dir = dir.clone();
-    let pods_task = async move {
-        let mut listing: Option<Vec<PodMeta>> = None;
-        futures::pin_mut!(pods);
-        while let Some(ev) = pods.next().await {
-            match ev {
-                Ok(watcher::Event::Init) => listing = Some(Vec::new()),
-                Ok(watcher::Event::InitApply(p)) => {
-                    listing.get_or_insert_with(Vec::new).push(pod_meta(&p));
-                }
-                Ok(watcher::Event::InitDone) => {
-                    let all = listing.take().unwrap_or_default();
-                    info!(pods = all.len(), "pods of this node listed");
-                    pods_dir.replace(all, Instant::now());
-                }
-                Ok(watcher::Event::Apply(p)) => pods_dir.upsert(pod_meta(&p)),
-                Ok(watcher::Event::Delete(p)) => {
-                    if let Some(uid) = &p.metadata.uid {
-                        pods_dir.remove(uid, Instant::now());
-                    }
-                }
-                Err(e) => warn!(error = %e, "watching pods"),
+    let pods_task = follow(
+        pods,
+        "pods",
+        |all| {
+            info!(pods = all.len(), "pods of this node listed");
+            dir.replace(all.iter().map(pod_meta).collect(), Instant::now());
+        },
+        |p| dir.upsert(pod_meta(&p)),
+        |p| {
+            if let Some(uid) = &p.metadata.uid {
+                dir.remove(uid, Instant::now());
             }
-        }
-    };
-    let ns_dir = dir.clone();
-    let ns_task = async move {
-        let mut listing: Option<Vec<NamespaceLabels>> = None;
-        futures::pin_mut!(namespaces);
-        while let Some(ev) = namespaces.next().await {
-            match ev {
-                Ok(watcher::Event::Init) => listing = Some(Vec::new()),
-                Ok(watcher::Event::InitApply(ns)) => {
-                    listing
-                        .get_or_insert_with(Vec::new)
-                        .extend(namespace_entry(&ns));
-                }
-                Ok(watcher::Event::InitDone) => {
-                    ns_dir.replace_namespaces(listing.take().unwrap_or_default());
-                }
-                Ok(watcher::Event::Apply(ns)) => {
-                    if let Some((name, labels)) = namespace_entry(&ns) {
-                        ns_dir.set_namespace(&name, labels);
-                    }
-                }
-                // A deleted namespace's pods are gone too; their retention keeps the labels
-                // useful, so the labels stay until the next full list.
-                Ok(watcher::Event::Delete(_)) => {}
-                Err(e) => warn!(error = %e, "watching namespaces"),
+        },
+    );
+    let ns_task = follow(
+        namespaces,
+        "namespaces",
+        |all| dir.replace_namespaces(all.iter().filter_map(namespace_entry).collect()),
+        |ns| {
+            if let Some((name, labels)) = namespace_entry(&ns) {
+                dir.set_namespace(&name, labels);
             }
-        }
-    };
+        },
+        // A deleted namespace's pods are gone too; their retention keeps the labels useful,
+        // so the labels stay until the next full list.
+        |_| {},
+    );
     let sweep = async {
         let mut ticker = tokio::time::interval(FILE_POLL);
         loop {
