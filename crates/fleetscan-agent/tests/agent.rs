@@ -367,6 +367,86 @@ async fn ignore_mark_makes_the_second_open_free() {
     agent.stop().await;
 }
 
+/// A policy set with `tenants` besides the fleet operator's, at `version`.
+fn policy_set(version: u64, tenants: &[&str]) -> v1::PolicySet {
+    let entry = |tenant: &str| v1::TenantPolicy {
+        tenant: tenant.into(),
+        policy: Some(policy(FailMode::Closed, 5000)),
+        ..Default::default()
+    };
+    v1::PolicySet {
+        version,
+        default_tenant: fleetscan_core::DEFAULT_TENANT.into(),
+        namespace_label: "fleetscan.io/tenant".into(),
+        policies: std::iter::once(fleetscan_core::DEFAULT_TENANT)
+            .chain(tenants.iter().copied())
+            .map(entry)
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn push_set(broker: &FakeBroker, set: v1::PolicySet) {
+    broker.push(BrokerMsg::Policy(v1::PolicyUpdate {
+        policy: None,
+        policy_set: Some(set),
+    }));
+}
+
+/// Invariants 4 and 7: a newer policy set drops every cached decision and ignore mark (they
+/// were made under the old scopes); while several policies are in force a clean file gets no
+/// ignore mark (a mark answers every process alike, whatever its tenant) but its decision is
+/// still reused from the cache; an older set changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_policy_set_drops_marks_and_several_policies_place_none() {
+    let env = env();
+    let broker = FakeBroker::start(Mode::Clean, policy(FailMode::Closed, 5000));
+    let agent = run(config(
+        &env,
+        vec![broker.url()],
+        FailMode::Closed,
+        Duration::from_secs(4),
+    ));
+    connected(&agent, 1).await;
+    let file = env.protected.join("tool");
+    fs::write(&file, b"clean tool").unwrap();
+    assert!(cat(&file).await.ok);
+    wait_for("ignore mark", SETTLE, || {
+        agent.stats.snapshot().ignore_marks == 1
+    })
+    .await;
+    let flushes = agent.stats.snapshot().flushes;
+
+    push_set(&broker, policy_set(2, &["acme"]));
+    wait_for("policy set applied", SETTLE, || {
+        agent.stats.snapshot().flushes == flushes + 1
+    })
+    .await;
+    assert!(cat(&file).await.ok);
+    assert_eq!(agent.stats.snapshot().events, 2, "the set removed the mark");
+    assert_eq!(broker.accesses().len(), 2, "and the cached decision");
+    // Decided and cached under the operator's scope, but no mark: the next open is an event
+    // again, answered from the cache without the broker.
+    wait_for("decision cached", SETTLE, || {
+        agent.stats.snapshot().decisions_cached == 2
+    })
+    .await;
+    assert!(cat(&file).await.ok);
+    let s = agent.stats.snapshot();
+    assert_eq!((s.events, s.ignore_marks), (3, 1), "{s:?}");
+    assert_eq!(broker.accesses().len(), 2, "answered from the cache");
+
+    push_set(&broker, policy_set(1, &["acme", "globex"]));
+    assert!(cat(&file).await.ok);
+    assert_eq!(
+        agent.stats.snapshot().flushes,
+        flushes + 1,
+        "an older set is ignored"
+    );
+    assert_eq!(broker.accesses().len(), 2);
+    agent.stop().await;
+}
+
 /// Invariants 1 and 8: a broker killed mid-stream has its pending accesses answered at once
 /// (not at the 4 s deadline), and the agent reconnects to a new broker on the same port,
 /// adopting its policy.
