@@ -224,7 +224,7 @@ async fn session(shared: &Arc<Shared>, url: &str) -> Result<(), SessionError> {
     }
     // Decisions are cached per policy scope (tenant, namespace overrides): the broker may send
     // cacheable decisions while several policies are in force.
-    capabilities.push("scoped-cache".to_string());
+    capabilities.push(fleetscan_proto::CAPABILITY_SCOPED_CACHE.to_string());
     let hello = v1::AgentHello {
         node: shared.config.node.clone(),
         cluster: shared.config.cluster.clone(),

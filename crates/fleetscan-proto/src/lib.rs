@@ -21,4 +21,13 @@ pub const CHUNK_SIZE: usize = 1024 * 1024;
 /// for compressed messages) and the connection carries on.
 pub const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
 
+/// `AgentHello.capabilities`: the agent keys its cached decisions by policy scope (tenant and
+/// namespace overrides), so the broker may send cacheable decisions while several policies are
+/// in force.
+pub const CAPABILITY_SCOPED_CACHE: &str = "scoped-cache";
+
+/// The gRPC metadata key naming the tenant an `AdminService` call acts for (the fleet
+/// operator's when absent).
+pub const TENANT_HEADER: &str = "fleetscan-tenant";
+
 pub mod convert;
