@@ -17,7 +17,7 @@ use crate::error::BrokerError;
 use crate::stats::get;
 
 /// The gRPC metadata key naming the tenant a call acts for.
-pub const TENANT_HEADER: &str = "fleetscan-tenant";
+pub use fleetscan_proto::TENANT_HEADER;
 
 /// The tenant a call acts for: its [`TENANT_HEADER`], else the fleet operator's.
 fn acting_tenant<T>(request: &Request<T>) -> Result<String, BrokerError> {
@@ -205,10 +205,7 @@ impl v1::admin_service_server::AdminService for AdminSvc {
             denied: get(&s.denied),
             verdicts_stored: stored.verdicts,
             events_stored: stored.accesses,
-            records_lost: engine.writer.records_lost()
-                + engine
-                    .private_verdicts_lost
-                    .load(std::sync::atomic::Ordering::Relaxed),
+            records_lost: engine.writer.records_lost(),
             write_backlog: engine.writer.backlog(),
             oversize: get(&s.oversize),
             scan_errors: get(&s.scan_errors),

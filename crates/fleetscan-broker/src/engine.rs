@@ -46,11 +46,6 @@ use crate::writer::{WriteBehind, WriteOp};
 /// and of applications' scans.
 pub const DEFAULT_POOL: &str = fleetscan_core::tenancy::DEFAULT_POOL;
 
-/// How often a tenant's private verdict is written again while the store is unreachable, and
-/// how many times in all, before it is counted as lost (it is then only a rescan away).
-const PRIVATE_WRITE_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
-const PRIVATE_WRITE_TRIES: u32 = 60;
-
 /// Content held for scans at once, in KiB (1 GiB): bounds the memory of uploads in progress.
 /// A fetch waits for room, within its scan deadline.
 const CONTENT_BUDGET_KIB: u32 = 1024 * 1024;
@@ -118,9 +113,6 @@ pub struct Engine {
     pub scheduler: Arc<Scheduler>,
     pub writer: WriteBehind,
     pub stats: Stats,
-    /// Private verdicts that could not be stored (the store was unreachable for too long):
-    /// counted with the write-behind queue's losses.
-    pub private_verdicts_lost: std::sync::atomic::AtomicU64,
     /// The tenancy in force; sessions watch it to push each new version to their agents.
     pub tenancy: watch::Sender<Arc<Tenancy>>,
     /// Bumped whenever a pool's identity changes; agents flush decisions of other generations.
@@ -165,7 +157,6 @@ impl Engine {
             sessions: Mutex::new(HashMap::new()),
             content_budget: Arc::new(Semaphore::new(CONTENT_BUDGET_KIB as usize)),
             stop,
-            private_verdicts_lost: std::sync::atomic::AtomicU64::new(0),
             tenancy: watch::channel(Arc::new(tenancy)).0,
         })
     }
@@ -238,7 +229,7 @@ impl Engine {
             .fleet
             .guarded(self.store.register_identity(
                 key.store_tenant(),
-                key.name(),
+                &key.name,
                 identity,
                 now_unix_ms(),
             ))
@@ -357,12 +348,6 @@ impl Engine {
             "pool's scanner identity changed"
         );
         true
-    }
-
-    /// The cached verdict of the pool's current identity, if any (`pool` as in
-    /// [`Engine::current`]).
-    pub fn cached(&self, sha256: &Sha256, pool: &str) -> Option<Arc<Verdict>> {
-        self.cached_in(sha256, &PoolKey::parse(pool))
     }
 
     /// The cached verdict of the pool's current identity, if any: the hot path.
@@ -581,29 +566,37 @@ impl Engine {
                     scanned_at_unix_ms: now_unix_ms(),
                     scan_micros: report.scan_micros,
                 });
-                if verdict.kind.is_conclusive() && !identity.scope.is_empty() {
-                    // A tenant's own pool: cached and stored within the tenant's scope only.
-                    let id = self
-                        .identities
-                        .intern_scoped(&identity.scope, &verdict.scanner)
-                        .id;
-                    self.cache.insert(id, verdict.clone());
-                    self.store_private(&identity.scope, &verdict).await;
-                } else if verdict.kind.is_conclusive() {
-                    let id = self.identities.intern(&verdict.scanner).id;
+                if verdict.kind.is_conclusive() {
+                    // A tenant's own pool's verdict is cached and stored within the tenant's
+                    // scope only; the fleet's pools' are everyone's.
+                    let scope = identity.scope.as_str();
+                    let id = self.identities.intern_scoped(scope, &verdict.scanner).id;
                     self.cache.insert(id, verdict.clone());
                     // Brokers waiting on our claim read the verdict from the store when we
-                    // release it, so it is written first, not behind.
+                    // release it, so it is written first, not behind; without a claim, or
+                    // while the store is unreachable, the write-behind queue keeps it.
                     let stored = match &claim {
-                        Some(_) => self
+                        Some(_) if scope.is_empty() => self
                             .fleet
                             .guarded(self.store.put_verdict(&verdict))
+                            .await
+                            .is_ok(),
+                        Some(_) => self
+                            .fleet
+                            .guarded(self.store.put_tenant_verdict(scope, &verdict))
                             .await
                             .is_ok(),
                         None => false,
                     };
                     if !stored {
-                        self.writer.submit(WriteOp::Verdict(verdict.clone()));
+                        self.writer.submit(if scope.is_empty() {
+                            WriteOp::Verdict(verdict.clone())
+                        } else {
+                            WriteOp::TenantVerdict {
+                                tenant: scope.to_owned(),
+                                verdict: verdict.clone(),
+                            }
+                        });
                     }
                 } else {
                     bump(&self.stats.scan_errors);
@@ -625,41 +618,6 @@ impl Engine {
                 Resolution::Failed(e.to_string())
             }
         }
-    }
-
-    /// Stores a verdict of a tenant's own pool. The write-behind queue carries the fleet's
-    /// verdicts only, so this one is written here: at once (before a claim on its scan is
-    /// released, since other brokers read it from the store then), and while the store is
-    /// unreachable again every [`PRIVATE_WRITE_RETRY`] from a task of its own, up to
-    /// [`PRIVATE_WRITE_TRIES`] times; past that it is counted as lost.
-    async fn store_private(self: &Arc<Self>, tenant: &str, verdict: &Arc<Verdict>) {
-        let first = self
-            .fleet
-            .guarded(self.store.put_tenant_verdict(tenant, verdict))
-            .await;
-        if first.is_ok() {
-            return;
-        }
-        let engine = self.clone();
-        let tenant = tenant.to_owned();
-        let verdict = verdict.clone();
-        tokio::spawn(async move {
-            for _ in 1..PRIVATE_WRITE_TRIES {
-                tokio::time::sleep(PRIVATE_WRITE_RETRY).await;
-                match engine.store.put_tenant_verdict(&tenant, &verdict).await {
-                    Ok(()) => return,
-                    Err(e) if e.is_unavailable() => continue,
-                    Err(e) => {
-                        error!(tenant, sha256 = %verdict.sha256, error = %e, "storing a tenant's verdict failed");
-                        break;
-                    }
-                }
-            }
-            engine
-                .private_verdicts_lost
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            error!(tenant, sha256 = %verdict.sha256, "a tenant's verdict was not stored; it is lost");
-        });
     }
 
     /// The stored verdict of this identity (within its scope), if the store has one and

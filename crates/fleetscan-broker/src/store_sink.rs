@@ -33,6 +33,16 @@ impl Sink for Store {
         Store::put_verdicts(self, verdicts).await.map_err(classify)
     }
 
+    async fn put_tenant_verdicts(
+        &self,
+        tenant: &str,
+        verdicts: &[Arc<Verdict>],
+    ) -> Result<(), SinkError> {
+        Store::put_tenant_verdicts(self, tenant, verdicts)
+            .await
+            .map_err(classify)
+    }
+
     async fn record_accesses(&self, records: &[AccessRecord]) -> Result<(), SinkError> {
         Store::record_accesses(self, records)
             .await

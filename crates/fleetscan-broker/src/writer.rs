@@ -1,4 +1,5 @@
-//! Write-behind persistence of verdicts, access records and host rows.
+//! Write-behind persistence of verdicts (the fleet's and tenants' own), access records and host
+//! rows.
 //!
 //! The decision path only ever calls [`WriteBehind::submit`], which never waits: it puts the
 //! record in a bounded queue, or — when the queue is full — drops it and counts the loss
@@ -8,7 +9,7 @@
 //! the queue has room. On shutdown the queue is closed and drained within a deadline; whatever is
 //! left then is counted as lost and logged. Never lose a record silently.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -41,7 +42,13 @@ pub struct HostSeen {
 /// One record to persist.
 #[derive(Clone, Debug)]
 pub enum WriteOp {
+    /// A verdict of the fleet (shared and fleet operator's pools).
     Verdict(Arc<Verdict>),
+    /// A verdict of `tenant`'s own pool: stored within that tenant's scope only.
+    TenantVerdict {
+        tenant: String,
+        verdict: Arc<Verdict>,
+    },
     Access(Box<AccessRecord>),
     HostSeen(HostSeen),
     HostCounts {
@@ -68,6 +75,12 @@ pub trait Sink: Send + Sync + 'static {
     /// two verdicts of one key wins.
     fn put_verdicts(
         &self,
+        verdicts: &[Arc<Verdict>],
+    ) -> impl Future<Output = Result<(), SinkError>> + Send;
+    /// [`Sink::put_verdicts`] within `tenant`'s own scope.
+    fn put_tenant_verdicts(
+        &self,
+        tenant: &str,
         verdicts: &[Arc<Verdict>],
     ) -> impl Future<Output = Result<(), SinkError>> + Send;
     fn record_accesses(
@@ -228,6 +241,9 @@ struct Batch {
     hosts: HashMap<(String, String), HostSeen>,
     host_ops: u64,
     verdicts: Vec<Arc<Verdict>>,
+    /// Tenants' own verdicts, by tenant, each in the order it came.
+    tenant_verdicts: BTreeMap<String, Vec<Arc<Verdict>>>,
+    tenant_verdict_ops: u64,
     accesses: Vec<AccessRecord>,
     counts: HashMap<(String, String), (u64, u64)>,
     count_ops: u64,
@@ -237,6 +253,13 @@ impl Batch {
     fn add(&mut self, op: WriteOp) {
         match op {
             WriteOp::Verdict(v) => self.verdicts.push(v),
+            WriteOp::TenantVerdict { tenant, verdict } => {
+                self.tenant_verdict_ops += 1;
+                self.tenant_verdicts
+                    .entry(tenant)
+                    .or_default()
+                    .push(verdict);
+            }
             WriteOp::Access(a) => self.accesses.push(*a),
             WriteOp::HostSeen(h) => {
                 self.host_ops += 1;
@@ -259,7 +282,11 @@ impl Batch {
 
     /// Records not yet written.
     fn pending(&self) -> u64 {
-        self.host_ops + self.verdicts.len() as u64 + self.accesses.len() as u64 + self.count_ops
+        self.host_ops
+            + self.verdicts.len() as u64
+            + self.tenant_verdict_ops
+            + self.accesses.len() as u64
+            + self.count_ops
     }
 }
 
@@ -379,6 +406,11 @@ async fn write_batch<S: Sink>(sink: &S, batch: &mut Batch) -> Result<(), SinkErr
         sink.put_verdicts(&batch.verdicts).await?;
         batch.verdicts.clear();
     }
+    // A tenant's verdicts at a time: a retry resumes with the tenants not yet written.
+    while let Some(entry) = batch.tenant_verdicts.first_entry() {
+        sink.put_tenant_verdicts(entry.key(), entry.get()).await?;
+        batch.tenant_verdict_ops -= entry.remove().len() as u64;
+    }
     if !batch.accesses.is_empty() {
         sink.record_accesses(&batch.accesses).await?;
         batch.accesses.clear();
@@ -406,6 +438,7 @@ mod tests {
         accesses: usize,
         verdict_batches: Vec<usize>,
         verdicts: usize,
+        tenant_verdicts: Vec<(String, Sha256)>,
         hosts: Vec<HostSeen>,
         counts: HashMap<String, (u64, u64)>,
         calls: u32,
@@ -445,6 +478,17 @@ mod tests {
             let mut r = self.recorded.lock();
             r.verdict_batches.push(verdicts.len());
             r.verdicts += verdicts.len();
+            Ok(())
+        }
+        async fn put_tenant_verdicts(
+            &self,
+            tenant: &str,
+            verdicts: &[Arc<Verdict>],
+        ) -> Result<(), SinkError> {
+            self.call()?;
+            let mut r = self.recorded.lock();
+            r.tenant_verdicts
+                .extend(verdicts.iter().map(|v| (tenant.to_owned(), v.sha256)));
             Ok(())
         }
         async fn record_accesses(&self, records: &[AccessRecord]) -> Result<(), SinkError> {
@@ -593,6 +637,51 @@ mod tests {
             assert_eq!(r.hosts.len(), 1);
         }
         assert_eq!(wb.records_lost(), 0);
+        assert_eq!(writer.shutdown(Duration::from_secs(5)).await, 0);
+    }
+
+    /// A tenant's private verdict made while the store is down is kept, in its tenant's scope,
+    /// and written once the store is back; it counts in the backlog until then.
+    #[tokio::test(start_paused = true)]
+    async fn a_tenants_verdict_is_written_when_the_store_returns() {
+        let (wb, queue) = write_behind(100);
+        let sink = FakeSink {
+            fail_first: 5,
+            retryable: true,
+            ..Default::default()
+        };
+        let writer = spawn_writer(queue, sink.clone());
+        let private = |tenant: &str, content: &[u8]| WriteOp::TenantVerdict {
+            tenant: tenant.into(),
+            verdict: Arc::new(Verdict {
+                sha256: Sha256::of(content),
+                scanner: ScannerIdentity::default(),
+                kind: VerdictKind::Malicious,
+                threat_name: Some("Tenant-Blocked".into()),
+                detail: None,
+                scanned_at_unix_ms: 0,
+                scan_micros: 0,
+            }),
+        };
+        assert!(wb.submit(private("acme", b"a")));
+        assert!(wb.submit(private("globex", b"g")));
+        assert!(wb.submit(private("acme", b"b")));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            sink.recorded.lock().tenant_verdicts.is_empty(),
+            "store still down"
+        );
+        assert_eq!(wb.backlog(), 3);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(
+            sink.recorded.lock().tenant_verdicts,
+            vec![
+                ("acme".to_owned(), Sha256::of(b"a")),
+                ("acme".to_owned(), Sha256::of(b"b")),
+                ("globex".to_owned(), Sha256::of(b"g")),
+            ]
+        );
+        assert_eq!(wb.backlog(), 0);
         assert_eq!(writer.shutdown(Duration::from_secs(5)).await, 0);
     }
 

@@ -326,14 +326,33 @@ impl Store {
     where
         V: std::borrow::Borrow<Verdict> + Sync,
     {
-        /// Parameters of one row in SQLite's multi-row insert; 10 × 500 rows stays well under
-        /// SQLite's limit of 32766 bind parameters.
+        self.upsert_verdicts(None, verdicts).await
+    }
+
+    /// Writes verdicts into the fleet's `verdicts` (`tenant` `None`) or into `tenant`'s own
+    /// scope in `tenant_verdicts`, whose rows are the same with the tenant as the key's first
+    /// column: one statement text for both, so that the two tables cannot drift apart.
+    pub(crate) async fn upsert_verdicts<V>(
+        &self,
+        tenant: Option<&str>,
+        verdicts: &[V],
+    ) -> Result<(), StoreError>
+    where
+        V: std::borrow::Borrow<Verdict> + Sync,
+    {
+        /// Rows in one of SQLite's multi-row inserts; 11 × 500 rows stays well under SQLite's
+        /// limit of 32766 bind parameters.
         const SQLITE_ROWS: usize = 500;
-        const UPSERT: &str = " ON CONFLICT (sha256, scanner, engine, engine_version, \
-             ruleset_version) DO UPDATE SET result = excluded.result, \
-             threat_name = excluded.threat_name, detail = excluded.detail, \
-             scanned_at_unix_ms = excluded.scanned_at_unix_ms, \
-             scan_micros = excluded.scan_micros";
+        let (table, key) = match tenant {
+            None => ("verdicts", ""),
+            Some(_) => ("tenant_verdicts", "tenant, "),
+        };
+        let upsert = format!(
+            " ON CONFLICT ({key}sha256, scanner, engine, engine_version, ruleset_version) \
+             DO UPDATE SET result = excluded.result, threat_name = excluded.threat_name, \
+             detail = excluded.detail, scanned_at_unix_ms = excluded.scanned_at_unix_ms, \
+             scan_micros = excluded.scan_micros"
+        );
         // Postgres refuses an upsert that touches one row twice in a statement, and SQLite's
         // multi-row insert would apply both in order anyway: keep each key's last verdict only,
         // in the order of first appearance.
@@ -356,30 +375,45 @@ impl Store {
         }
         match &self.pool {
             Pool::Sqlite(pool) => {
-                const ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+                let row = match tenant {
+                    None => "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    Some(_) => "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                };
                 let statement = |n: usize| {
-                    let mut sql = format!("INSERT INTO verdicts ({VERDICT_COLUMNS}) VALUES ");
+                    let mut sql = format!("INSERT INTO {table} ({key}{VERDICT_COLUMNS}) VALUES ");
                     for i in 0..n {
                         if i > 0 {
                             sql.push_str(", ");
                         }
-                        sql.push_str(ROW);
+                        sql.push_str(row);
                     }
-                    sql.push_str(UPSERT);
+                    sql.push_str(&upsert);
                     sql
                 };
                 static FULL: OnceLock<String> = OnceLock::new();
+                static FULL_TENANT: OnceLock<String> = OnceLock::new();
+                let full_statement = match tenant {
+                    None => &FULL,
+                    Some(_) => &FULL_TENANT,
+                };
                 let mut tx = pool.begin().await?;
                 for chunk in rows.chunks(SQLITE_ROWS) {
                     let full = chunk.len() == SQLITE_ROWS;
                     let sql = if full {
-                        Cow::Borrowed(FULL.get_or_init(|| statement(SQLITE_ROWS)).as_str())
+                        Cow::Borrowed(
+                            full_statement
+                                .get_or_init(|| statement(SQLITE_ROWS))
+                                .as_str(),
+                        )
                     } else {
                         Cow::Owned(statement(chunk.len()))
                     };
                     // Keep the prepared statement only for the size that recurs.
                     let mut query = sqlx::query(&sql).persistent(full);
                     for (v, scan_micros) in chunk {
+                        if let Some(tenant) = tenant {
+                            query = query.bind(tenant);
+                        }
                         query = query
                             .bind(&v.sha256.0[..])
                             .bind(&v.scanner.scanner)
@@ -399,15 +433,17 @@ impl Store {
             Pool::Postgres(pool) => {
                 // One statement whatever the batch size (a transaction of its own): the columns
                 // travel as arrays, one prepared statement serves every batch.
+                // The tenant, if any, is one more (scalar) parameter, the last.
+                let tenant_column = if tenant.is_some() { "$11::text, " } else { "" };
                 let sql = format!(
-                    "INSERT INTO verdicts ({VERDICT_COLUMNS}) SELECT * FROM UNNEST($1::bytea[], \
-                     $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], \
-                     $8::text[], $9::bigint[], $10::bigint[]){UPSERT}"
+                    "INSERT INTO {table} ({key}{VERDICT_COLUMNS}) SELECT {tenant_column}* \
+                     FROM UNNEST($1::bytea[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                     $6::text[], $7::text[], $8::text[], $9::bigint[], $10::bigint[]){upsert}"
                 );
                 let column = |f: fn(&Verdict) -> &str| -> Vec<&str> {
                     rows.iter().map(|&(v, _)| f(v)).collect()
                 };
-                sqlx::query(&sql)
+                let query = sqlx::query(&sql)
                     .bind(
                         rows.iter()
                             .map(|(v, _)| &v.sha256.0[..])
@@ -433,9 +469,12 @@ impl Store {
                             .map(|(v, _)| v.scanned_at_unix_ms)
                             .collect::<Vec<i64>>(),
                     )
-                    .bind(rows.iter().map(|(_, m)| *m).collect::<Vec<i64>>())
-                    .execute(pool)
-                    .await?;
+                    .bind(rows.iter().map(|(_, m)| *m).collect::<Vec<i64>>());
+                let query = match tenant {
+                    Some(tenant) => query.bind(tenant),
+                    None => query,
+                };
+                query.execute(pool).await?;
             }
         }
         Ok(())

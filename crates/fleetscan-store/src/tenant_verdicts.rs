@@ -5,7 +5,7 @@
 
 use fleetscan_core::{ScannerIdentity, Sha256, Verdict};
 
-use crate::rows::{self, VerdictRow, to_i64};
+use crate::rows::{self, VerdictRow};
 use crate::{Pool, Store, StoreError, VERDICT_COLUMNS};
 
 impl Store {
@@ -13,33 +13,22 @@ impl Store {
     /// Idempotent: the key is (tenant, sha256,
     /// scanner, engine, engine_version, ruleset_version); a second put replaces the row.
     pub async fn put_tenant_verdict(&self, tenant: &str, v: &Verdict) -> Result<(), StoreError> {
-        let scan_micros = to_i64("scan_micros", v.scan_micros)?;
-        let sql = format!(
-            "INSERT INTO tenant_verdicts (tenant, {VERDICT_COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
-             ON CONFLICT (tenant, sha256, scanner, engine, engine_version, ruleset_version) \
-             DO UPDATE SET result = excluded.result, threat_name = excluded.threat_name, \
-             detail = excluded.detail, scanned_at_unix_ms = excluded.scanned_at_unix_ms, \
-             scan_micros = excluded.scan_micros"
-        );
-        on_pool!(self, pool => {
-            sqlx::query(&sql)
-                .bind(tenant)
-                .bind(&v.sha256.0[..])
-                .bind(&v.scanner.scanner)
-                .bind(&v.scanner.engine)
-                .bind(&v.scanner.engine_version)
-                .bind(&v.scanner.ruleset_version)
-                .bind(v.kind.as_str())
-                .bind(&v.threat_name)
-                .bind(&v.detail)
-                .bind(v.scanned_at_unix_ms)
-                .bind(scan_micros)
-                .execute(pool)
-                .await
-                .map(drop)?
-        });
-        Ok(())
+        self.put_tenant_verdicts(tenant, std::slice::from_ref(v))
+            .await
+    }
+
+    /// Stores many verdicts of `tenant`'s own scanners in one transaction, with
+    /// [`Store::put_verdicts`]'s meaning within the tenant's scope (the same statement, on
+    /// `tenant_verdicts`): all or nothing, of two verdicts of one key the later wins.
+    pub async fn put_tenant_verdicts<V>(
+        &self,
+        tenant: &str,
+        verdicts: &[V],
+    ) -> Result<(), StoreError>
+    where
+        V: std::borrow::Borrow<Verdict> + Sync,
+    {
+        self.upsert_verdicts(Some(tenant), verdicts).await
     }
 
     /// `tenant`'s verdict of exactly this scanner identity for the content.
@@ -65,25 +54,5 @@ impl Store {
                 .await?
         });
         row.map(rows::verdict).transpose()
-    }
-
-    /// Every verdict of `tenant`'s own scanners for the content, newest first.
-    pub async fn tenant_verdicts_for(
-        &self,
-        tenant: &str,
-        sha256: &Sha256,
-    ) -> Result<Vec<Verdict>, StoreError> {
-        let sql = format!(
-            "SELECT {VERDICT_COLUMNS} FROM tenant_verdicts WHERE tenant = $1 AND sha256 = $2 \
-             ORDER BY scanned_at_unix_ms DESC, scanner, engine, engine_version, ruleset_version"
-        );
-        let rows: Vec<VerdictRow> = on_pool!(self, pool => {
-            sqlx::query_as(&sql)
-                .bind(tenant)
-                .bind(&sha256.0[..])
-                .fetch_all(pool)
-                .await?
-        });
-        rows.into_iter().map(rows::verdict).collect()
     }
 }

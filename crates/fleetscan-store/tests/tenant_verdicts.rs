@@ -15,7 +15,7 @@ use common::{Fixture, postgres_fixture, sqlite_fixture};
 both_backends!(
     a_tenant_verdict_is_found_only_for_its_tenant,
     a_tenant_verdict_is_idempotent_and_replaces,
-    tenant_verdicts_are_listed_per_tenant_newest_first,
+    tenant_verdicts_are_put_in_batches_within_their_tenant,
     an_empty_tenant_is_refused,
 );
 
@@ -94,38 +94,46 @@ async fn a_tenant_verdict_is_idempotent_and_replaces(f: Fixture) {
             .find_tenant_verdict("acme", &first.sha256, &first.scanner)
             .await
             .unwrap(),
-        Some(second.clone())
-    );
-    assert_eq!(
-        f.store
-            .tenant_verdicts_for("acme", &first.sha256)
-            .await
-            .unwrap(),
-        vec![second]
+        Some(second)
     );
 }
 
-async fn tenant_verdicts_are_listed_per_tenant_newest_first(f: Fixture) {
-    let old = verdict(b"x", "r1", VerdictKind::Clean, 10);
-    let new = verdict(b"x", "r2", VerdictKind::Malicious, 20);
-    let other = verdict(b"x", "r3", VerdictKind::Clean, 30);
-    f.store.put_tenant_verdict("acme", &old).await.unwrap();
-    f.store.put_tenant_verdict("acme", &new).await.unwrap();
-    f.store.put_tenant_verdict("globex", &other).await.unwrap();
+async fn tenant_verdicts_are_put_in_batches_within_their_tenant(f: Fixture) {
+    // The write-behind queue's batch: two identities, one key twice (the later wins).
+    let r1 = verdict(b"x", "r1", VerdictKind::Clean, 10);
+    let r2 = verdict(b"x", "r2", VerdictKind::Clean, 20);
+    let r2_later = verdict(b"x", "r2", VerdictKind::Malicious, 30);
+    f.store
+        .put_tenant_verdicts("acme", &[&r1, &r2, &r2_later])
+        .await
+        .unwrap();
+    let find = |tenant: &'static str, v: &Verdict| {
+        let store = f.store.clone();
+        let (sha256, scanner) = (v.sha256, v.scanner.clone());
+        async move {
+            store
+                .find_tenant_verdict(tenant, &sha256, &scanner)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(find("acme", &r1).await, Some(r1.clone()));
+    assert_eq!(find("acme", &r2).await, Some(r2_later.clone()));
+    // Neither another tenant's nor the fleet's.
+    assert_eq!(find("globex", &r1).await, None);
     assert_eq!(
-        f.store
-            .tenant_verdicts_for("acme", &old.sha256)
-            .await
-            .unwrap(),
-        vec![new, old]
+        f.store.find_verdict(&r1.sha256, &r1.scanner).await.unwrap(),
+        None
     );
-    assert_eq!(
-        f.store
-            .tenant_verdicts_for("globex", &other.sha256)
-            .await
-            .unwrap(),
-        vec![other]
-    );
+    // Another tenant's batch of the same keys stays its own.
+    f.store.put_tenant_verdicts("globex", &[&r1]).await.unwrap();
+    assert_eq!(find("globex", &r1).await, Some(r1));
+    assert_eq!(find("acme", &r2).await, Some(r2_later));
+    // An empty batch writes nothing and needs no statement.
+    f.store
+        .put_tenant_verdicts::<&Verdict>("acme", &[])
+        .await
+        .unwrap();
 }
 
 async fn an_empty_tenant_is_refused(f: Fixture) {
