@@ -7,9 +7,12 @@
 //! the decision is sent, through the write-behind queue; the stream's reader never waits on the
 //! store.
 //!
-//! Each access is decided by the policy of its tenant and namespace (the tenant comes from the
-//! namespace, by the broker's mapping or the label the agent read; host processes are the fleet
-//! operator's), with the verdicts of every pool that policy requires. The session's agent is
+//! Each access is decided by the policy of its tenant and namespace, with the verdicts of every
+//! pool that policy requires. A tenant's own agent (its hello names a tenant other than the
+//! fleet operator's) speaks for that tenant only: every access it sends is that tenant's, whatever
+//! namespace it names, so that it can never reach another tenant's pools, verdicts or records.
+//! Only the fleet operator's agents attribute accesses by namespace (the broker's mapping, then
+//! the label the agent read; host processes are the fleet operator's). The session's agent is
 //! sent the whole policy set right after `SessionAccepted` and again on every new version.
 //!
 //! The cached path (known content, the fleet's steady state) is the hot one: it must never
@@ -24,9 +27,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
-use fleetscan_core::tenancy::EffectivePolicy;
+use fleetscan_core::tenancy::{EffectivePolicy, check_name};
 use fleetscan_core::{
-    AccessRecord, Action, DecidedBy, PoolKey, Sha256, Tenancy, Verdict, now_unix_ms,
+    AccessKind, AccessRecord, Action, DEFAULT_TENANT, DecidedBy, PoolKey, Sha256, Tenancy, Verdict,
+    now_unix_ms,
 };
 use fleetscan_proto::convert;
 use fleetscan_proto::v1::{self, agent_message, broker_message};
@@ -50,12 +54,13 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HEARTBEAT_PERIOD: Duration = Duration::from_secs(10);
 /// How often a session refreshes its host row and flushes its counters.
 const HOST_PERIOD: Duration = Duration::from_secs(60);
+
 /// The capability of an agent that keys its cached decisions by tenant and namespace policy
 /// (and sets kernel ignore marks only for decisions that hold for every policy). Without it,
 /// when more than one policy is in force, no decision may be cached: a file allowed for one
 /// namespace (audit-only, another tenant's clean verdict) could otherwise be allowed from the
 /// cache for another that must deny it.
-pub const SCOPED_CACHE_CAPABILITY: &str = "scoped-cache";
+pub use fleetscan_proto::CAPABILITY_SCOPED_CACHE as SCOPED_CACHE_CAPABILITY;
 /// Messages queued towards one agent; when full, the session's reader waits for the agent.
 const OUTBOUND: usize = 1024;
 /// Requests of one session waiting for a scan at once; beyond, the fail mode answers at once.
@@ -128,6 +133,13 @@ impl v1::agent_service_server::AgentService for AgentSvc {
             return Err(
                 BrokerError::InvalidArgument("AgentHello without a node name".into()).into(),
             );
+        }
+        // The session's tenant decides every access of a tenant's agent: a name the tenancy
+        // could never hold is refused rather than guessed at.
+        if !hello.tenant.is_empty()
+            && let Err(e) = check_name("tenant", &hello.tenant)
+        {
+            return Err(BrokerError::InvalidArgument(format!("AgentHello: {e}")).into());
         }
         let engine = self.engine.clone();
         let (tx, rx) = mpsc::channel(OUTBOUND);
@@ -397,11 +409,59 @@ fn attribution(subject: Option<&v1::Subject>) -> (&str, &str, &str) {
     })
 }
 
-/// The policy in force for an access (its tenant's, or its namespace's within the tenant).
-fn effective_for(engine: &Engine, subject: Option<&v1::Subject>) -> Arc<EffectivePolicy> {
-    let (namespace, labelled, _) = attribution(subject);
-    let tenancy = engine.tenancy.borrow();
-    tenancy.resolve(tenancy.tenant_of(namespace, labelled), namespace)
+/// The tenant an access of a session of `session_tenant` belongs to: a tenant's own agent's
+/// accesses are all that tenant's (its agent cannot speak for another tenant's namespaces); the
+/// fleet operator's agents' are attributed by namespace and label.
+fn access_tenant<'a>(
+    tenancy: &'a Tenancy,
+    session_tenant: &'a str,
+    namespace: &str,
+    labelled: &'a str,
+) -> &'a str {
+    if session_tenant == DEFAULT_TENANT {
+        tenancy.tenant_of(namespace, labelled)
+    } else {
+        session_tenant
+    }
+}
+
+/// The kind an access is skipped (or not) by: an unknown or unspecified kind (a newer agent,
+/// a broken one) counts as an exec, the kind no policy lets through unscanned.
+fn skip_kind(raw: i32) -> AccessKind {
+    match v1::AccessKind::try_from(raw) {
+        Ok(v1::AccessKind::Open) => AccessKind::Open,
+        Ok(v1::AccessKind::Exec | v1::AccessKind::Unspecified) | Err(_) => AccessKind::Exec,
+    }
+}
+
+/// What one access is decided under, looked up once per access: its policy, and whether that
+/// policy is the only one (read from the same tenancy snapshot).
+struct Scope {
+    effective: Arc<EffectivePolicy>,
+    single_policy: bool,
+}
+
+impl Scope {
+    /// The policy in force for an access of `session`'s agent from the subject's namespace (the
+    /// access's tenant's policy, or its namespace's within the tenant).
+    fn of(engine: &Engine, session: &Session, namespace: &str, labelled: &str) -> Scope {
+        let tenancy = engine.tenancy.borrow();
+        let tenant = access_tenant(&tenancy, &session.tenant, namespace, labelled);
+        Scope {
+            effective: tenancy.resolve(tenant, namespace),
+            single_policy: tenancy.is_single_policy(),
+        }
+    }
+}
+
+/// The path an access is known by (the agent's view; the host's when the agent gave none),
+/// and the host path a record keeps beside it (empty when it is the path itself).
+fn paths(request: &v1::AccessRequest) -> (&str, &str) {
+    if request.path.is_empty() {
+        (&request.host_path, "")
+    } else {
+        (&request.path, &request.host_path)
+    }
 }
 
 fn pool_lookup(
@@ -427,25 +487,24 @@ fn pool_lookup(
 }
 
 async fn access(engine: &Arc<Engine>, session: &Arc<Session>, mut request: v1::AccessRequest) {
-    let effective = effective_for(engine, request.subject.as_ref());
-    let tenant = effective.tenant.as_str();
-    let policy = &effective.policy;
-    {
-        let (namespace, _, image) = attribution(request.subject.as_ref());
-        let path = if request.path.is_empty() {
-            &request.host_path
-        } else {
-            &request.path
-        };
-        let kind = convert::access_kind_from_proto(request.kind);
-        if let Some(why) = effective.skip(kind, path, image, namespace) {
+    let scope = {
+        let (namespace, labelled, image) = attribution(request.subject.as_ref());
+        let scope = Scope::of(engine, session, namespace, labelled);
+        let (path, _) = paths(&request);
+        if let Some(why) = scope
+            .effective
+            .skip(skip_kind(request.kind), path, image, namespace)
+        {
             let decided = decide::skipped(why);
             session
-                .decide(engine, &request, tenant, None, decided, Vec::new())
+                .decide(engine, &request, &scope, None, decided, Vec::new())
                 .await;
             return;
         }
-    }
+        scope
+    };
+    let effective = &scope.effective;
+    let policy = &effective.policy;
     let (sha256, canonical) = match parse_canonical_sha256(&request.sha256) {
         Some(sha256) => (sha256, true),
         None => match convert::sha256("sha256", &request.sha256) {
@@ -453,7 +512,7 @@ async fn access(engine: &Arc<Engine>, session: &Arc<Session>, mut request: v1::A
             Err(e) => {
                 let decided = decide::fail(policy, format!("invalid request: {e}"));
                 session
-                    .decide(engine, &request, tenant, None, decided, Vec::new())
+                    .decide(engine, &request, &scope, None, decided, Vec::new())
                     .await;
                 return;
             }
@@ -477,7 +536,7 @@ async fn access(engine: &Arc<Engine>, session: &Arc<Session>, mut request: v1::A
             .decide(
                 engine,
                 &request,
-                tenant,
+                &scope,
                 Some(sha256),
                 decided,
                 vec![verdict],
@@ -498,7 +557,7 @@ async fn access(engine: &Arc<Engine>, session: &Arc<Session>, mut request: v1::A
             let decided = decide::decide_all(policy, &resolutions);
             let verdicts = resolutions.iter().filter_map(verdict_of).collect();
             session
-                .decide(engine, &request, tenant, Some(sha256), decided, verdicts)
+                .decide(engine, &request, &scope, Some(sha256), decided, verdicts)
                 .await;
             return;
         }
@@ -506,11 +565,11 @@ async fn access(engine: &Arc<Engine>, session: &Arc<Session>, mut request: v1::A
     let Ok(permit) = session.pending.clone().try_acquire_owned() else {
         let decided = decide::fail(policy, "broker overloaded: too many pending requests");
         session
-            .decide(engine, &request, tenant, Some(sha256), decided, Vec::new())
+            .decide(engine, &request, &scope, Some(sha256), decided, Vec::new())
             .await;
         return;
     };
-    let deadline = Instant::now() + request_deadline(&request, &effective);
+    let deadline = Instant::now() + request_deadline(&request, effective);
     // The pools are asked one after another: a flight that needs the content asks the agent
     // for it under this request's id, and one id carries one upload at a time.
     let mut resolutions = Vec::with_capacity(effective.pools.len());
@@ -519,7 +578,7 @@ async fn access(engine: &Arc<Engine>, session: &Arc<Session>, mut request: v1::A
     let mut waiting = None;
     for (i, pool) in effective.pools.iter().enumerate() {
         let (identity, pending) =
-            engine.resolve_in(pool_lookup(session, &request, sha256, &effective, pool));
+            engine.resolve_in(pool_lookup(session, &request, sha256, effective, pool));
         identities.push((pool.clone(), identity));
         match pending {
             Pending::Ready(resolution) => resolutions.push(resolution),
@@ -534,14 +593,14 @@ async fn access(engine: &Arc<Engine>, session: &Arc<Session>, mut request: v1::A
         let decided = decide::decide_all(policy, &resolutions);
         let verdicts = resolutions.iter().filter_map(verdict_of).collect();
         session
-            .decide(engine, &request, tenant, Some(sha256), decided, verdicts)
+            .decide(engine, &request, &scope, Some(sha256), decided, verdicts)
             .await;
         return;
     };
     let engine = engine.clone();
     let session = session.clone();
-    let effective = effective.clone();
     tokio::spawn(async move {
+        let effective = &scope.effective;
         let _permit = permit;
         let mut waiter = Some(waiter);
         loop {
@@ -561,7 +620,7 @@ async fn access(engine: &Arc<Engine>, session: &Arc<Session>, mut request: v1::A
             };
             next += 1;
             let (identity, pending) =
-                engine.resolve_in(pool_lookup(&session, &request, sha256, &effective, pool));
+                engine.resolve_in(pool_lookup(&session, &request, sha256, effective, pool));
             identities.push((pool.clone(), identity));
             match pending {
                 Pending::Ready(resolution) => resolutions.push(resolution),
@@ -579,14 +638,7 @@ async fn access(engine: &Arc<Engine>, session: &Arc<Session>, mut request: v1::A
         }
         let verdicts = resolutions.iter().filter_map(verdict_of).collect();
         session
-            .decide(
-                &engine,
-                &request,
-                &effective.tenant,
-                Some(sha256),
-                decided,
-                verdicts,
-            )
+            .decide(&engine, &request, &scope, Some(sha256), decided, verdicts)
             .await;
     });
 }
@@ -634,52 +686,48 @@ fn parse_canonical_sha256(hex: &str) -> Option<Sha256> {
 }
 
 impl Session {
-    /// Sends the decision, then counts and records it (never the other way round).
-    /// `tenant` is the access's, which the record belongs to (not necessarily the agent's).
+    /// Sends the decision, then counts and records it (never the other way round). The record
+    /// belongs to the access's tenant (`scope`'s), which for the fleet operator's agents is not
+    /// necessarily the agent's.
     async fn decide(
         &self,
         engine: &Engine,
         request: &v1::AccessRequest,
-        tenant: &str,
+        scope: &Scope,
         sha256: Option<Sha256>,
         decided: Decided,
         verdicts: Vec<v1::Verdict>,
     ) {
         let mut decided = decided;
-        if decided.cacheable && !self.scoped_cache && !engine.tenancy.borrow().is_single_policy() {
+        if decided.cacheable && !self.scoped_cache && !scope.single_policy {
             decided.cacheable = false;
             decided.ttl_seconds = 0;
         }
-        let record = decided.record.then(|| AccessRecord {
-            at_unix_ms: now_unix_ms(),
-            tenant: tenant.to_owned(),
-            node: self.node.clone(),
-            path: if request.path.is_empty() {
-                request.host_path.clone()
-            } else {
-                request.path.clone()
-            },
-            kind: convert::access_kind_from_proto(request.kind),
-            action: decided.action,
-            reason: decided.reason.clone(),
-            sha256,
-            threat_name: decided.threat_name.clone(),
-            pid: request.subject.as_ref().map_or(0, |s| s.pid),
-            uid: request.subject.as_ref().map_or(0, |s| s.uid),
-            exe: request
-                .subject
-                .as_ref()
-                .map(|s| s.exe.clone())
-                .unwrap_or_default(),
-            decided_by: DecidedBy::Broker,
-            context: context_of(
-                request.subject.as_ref().unwrap_or(&v1::Subject::default()),
-                if request.path.is_empty() {
-                    ""
-                } else {
-                    &request.host_path
-                },
-            ),
+        let record = decided.record.then(|| {
+            let (path, host_path) = paths(request);
+            AccessRecord {
+                at_unix_ms: now_unix_ms(),
+                tenant: scope.effective.tenant.clone(),
+                node: self.node.clone(),
+                path: path.to_owned(),
+                kind: convert::access_kind_from_proto(request.kind),
+                action: decided.action,
+                reason: decided.reason.clone(),
+                sha256,
+                threat_name: decided.threat_name.clone(),
+                pid: request.subject.as_ref().map_or(0, |s| s.pid),
+                uid: request.subject.as_ref().map_or(0, |s| s.uid),
+                exe: request
+                    .subject
+                    .as_ref()
+                    .map(|s| s.exe.clone())
+                    .unwrap_or_default(),
+                decided_by: DecidedBy::Broker,
+                context: context_of(
+                    request.subject.as_ref().unwrap_or(&v1::Subject::default()),
+                    host_path,
+                ),
+            }
         });
         let action = decided.action;
         let message = v1::BrokerMessage {
@@ -740,12 +788,17 @@ impl Session {
                     None => why.to_owned(),
                 };
                 let subject = report.subject.unwrap_or_default();
-                // The access's tenant, by the broker's rules, not the agent's.
+                // The access's tenant, by the broker's rules (a tenant's agent reports for its
+                // own tenant only), not what the report claims.
                 let tenant = {
                     let tenancy = engine.tenancy.borrow();
-                    tenancy
-                        .tenant_of(&subject.k8s_namespace, &subject.tenant)
-                        .to_owned()
+                    access_tenant(
+                        &tenancy,
+                        &self.tenant,
+                        &subject.k8s_namespace,
+                        &subject.tenant,
+                    )
+                    .to_owned()
                 };
                 engine.writer.submit(WriteOp::Access(Box::new(AccessRecord {
                     at_unix_ms: if report.at_unix_ms > 0 {
@@ -916,6 +969,31 @@ mod tests {
         .map(|m| kind(m.unwrap().unwrap()))
         .collect();
         assert_eq!(rest, ["flush 2", "decision 2", "decision 3"]);
+    }
+
+    /// An exec-only policy skips plain opens only: a kind the broker does not know (a newer
+    /// agent's, or none) must be scanned, not let through as an open.
+    #[test]
+    fn unknown_access_kinds_are_skipped_as_execs() {
+        assert_eq!(skip_kind(v1::AccessKind::Open as i32), AccessKind::Open);
+        assert_eq!(skip_kind(v1::AccessKind::Exec as i32), AccessKind::Exec);
+        assert_eq!(
+            skip_kind(v1::AccessKind::Unspecified as i32),
+            AccessKind::Exec
+        );
+        assert_eq!(skip_kind(99), AccessKind::Exec);
+        let exec_only = EffectivePolicy {
+            tenant: "acme".into(),
+            namespace: Some("ci".into()),
+            policy: fleetscan_core::Policy::default(),
+            exec_only: true,
+            exclusions: Default::default(),
+            pools: Vec::new(),
+        };
+        assert!(exec_only.skip(skip_kind(1), "/x", "", "ci").is_some());
+        for unknown in [0, 3, 99] {
+            assert_eq!(exec_only.skip(skip_kind(unknown), "/x", "", "ci"), None);
+        }
     }
 
     #[test]

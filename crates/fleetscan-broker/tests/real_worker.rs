@@ -4,7 +4,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{TestBroker, eventually};
+use common::TestBroker;
 use fleetscan_core::ScannerIdentity;
 use fleetscan_proto::v1;
 use fleetscan_worker::{ScanOutcome, Scanner, WorkerConfig};
@@ -47,20 +47,7 @@ async fn the_sdk_worker_scans_for_agents() {
             let _ = worker_stopped.await;
         },
     ));
-    let admin = broker.admin().await;
-    eventually("the worker to ask for work", || {
-        let mut admin = admin.clone();
-        async move {
-            let workers = admin
-                .list_workers(v1::ListWorkersRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .workers;
-            workers.into_iter().find(|w| w.credits > 0)
-        }
-    })
-    .await;
+    broker.wait_for_worker(None).await;
 
     let mut agent = broker.agent("node-a").await;
     agent.request(1, b"some EVIL bytes", 10_000).await;

@@ -81,24 +81,7 @@ impl SdkWorker {
                 let _ = stopped.await;
             },
         ));
-        let admin = broker.admin().await;
-        let name = name.to_owned();
-        eventually("the worker to ask for work", || {
-            let mut admin = admin.clone();
-            let name = name.clone();
-            async move {
-                let workers = admin
-                    .list_workers(v1::ListWorkersRequest {})
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .workers;
-                workers
-                    .into_iter()
-                    .find(|w| w.worker_name == name && w.credits > 0)
-            }
-        })
-        .await;
+        broker.wait_for_worker(Some(name)).await;
         SdkWorker {
             stop: Some(stop),
             task,
@@ -339,10 +322,8 @@ async fn a_private_verdict_is_not_reused_for_another_tenant_after_a_restart() {
 async fn an_audit_only_namespace_allows_a_malicious_open_and_records_it() {
     let broker = TestBroker::start(two_tenants).await;
     let mut worker = broker
-        .worker_in("acme-w", &identity("r1"), "scanners", &["acme"])
-        .await
-        .unwrap();
-    worker.credit(4).await;
+        .credited_worker_in("acme-w", &identity("r1"), "scanners", &["acme"], 4)
+        .await;
     let mut agent = broker.agent("node-a").await;
     agent
         .request_from(1, b"evil", v1::AccessKind::Open, "shop-dev", "")
@@ -385,10 +366,8 @@ async fn an_audit_only_namespace_allows_a_malicious_open_and_records_it() {
 async fn an_exec_only_namespace_is_not_scanned_on_open() {
     let broker = TestBroker::start(two_tenants).await;
     let mut worker = broker
-        .worker_in("acme-w", &identity("r1"), "scanners", &["acme"])
-        .await
-        .unwrap();
-    worker.credit(4).await;
+        .credited_worker_in("acme-w", &identity("r1"), "scanners", &["acme"], 4)
+        .await;
     let mut agent = broker.agent("node-a").await;
     agent
         .request_from(1, b"evil", v1::AccessKind::Open, "ci", "")
@@ -436,10 +415,8 @@ async fn a_tenant_without_a_live_worker_gets_its_fail_mode_until_one_asks_for_wo
 
     // globex's worker does not make acme's pool live.
     let mut globex = broker
-        .worker_in("globex-w", &identity("r1"), "scanners", &["globex"])
-        .await
-        .unwrap();
-    globex.credit(4).await;
+        .credited_worker_in("globex-w", &identity("r1"), "scanners", &["globex"], 4)
+        .await;
     // Attached without credit is not live either.
     let mut acme = broker
         .worker_in("acme-w", &identity("r1"), "scanners", &["acme"])
@@ -456,22 +433,7 @@ async fn a_tenant_without_a_live_worker_gets_its_fail_mode_until_one_asks_for_wo
             .is_none()
     );
     acme.credit(1).await;
-    let admin = broker.admin().await;
-    eventually("acme's worker to ask for work", || {
-        let mut admin = admin.clone();
-        async move {
-            let workers = admin
-                .list_workers(v1::ListWorkersRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .workers;
-            workers
-                .into_iter()
-                .find(|w| w.worker_name == "acme-w" && w.credits > 0)
-        }
-    })
-    .await;
+    broker.wait_for_worker(Some("acme-w")).await;
     // The first credit made the pool live: the next access is scanned by acme's worker.
     agent
         .request_from(4, b"x", v1::AccessKind::Open, "shop", "")
@@ -541,16 +503,14 @@ fn shared_pool(config: &mut BrokerConfig) {
 async fn a_shared_pools_verdicts_are_shared_and_any_malicious_verdict_denies() {
     let broker = TestBroker::start(shared_pool).await;
     let mut av = broker
-        .worker_in("av-w", &identity("av1"), "av", &[])
-        .await
-        .unwrap();
-    av.credit(8).await;
+        .credited_worker_in("av-w", &identity("av1"), "av", &[], 8)
+        .await;
     let mut acme = broker
-        .worker_in("acme-w", &identity("acme1"), "scanners", &["acme"])
-        .await
-        .unwrap();
-    acme.credit(8).await;
-    let mut agent = broker.agent_with("node-a", &["scoped-cache"]).await;
+        .credited_worker_in("acme-w", &identity("acme1"), "scanners", &["acme"], 8)
+        .await;
+    let mut agent = broker
+        .agent_with("node-a", &[fleetscan_proto::CAPABILITY_SCOPED_CACHE])
+        .await;
 
     // acme requires both pools: its own says clean, the shared one malicious: denied.
     agent
@@ -615,10 +575,8 @@ async fn agents_that_do_not_key_their_cache_by_policy_get_no_cacheable_decision(
     // in another on the same host: only an agent that keys its cache by policy may cache.
     let broker = TestBroker::start(two_tenants).await;
     let mut worker = broker
-        .worker_in("globex-w", &identity("r1"), "scanners", &["globex"])
-        .await
-        .unwrap();
-    worker.credit(4).await;
+        .credited_worker_in("globex-w", &identity("r1"), "scanners", &["globex"], 4)
+        .await;
     let mut old = broker.agent("node-a").await;
     old.request_from(1, b"fine", v1::AccessKind::Open, "web", "")
         .await;
@@ -630,7 +588,9 @@ async fn agents_that_do_not_key_their_cache_by_policy_get_no_cacheable_decision(
     let d = decided.await.unwrap().1;
     assert_eq!(d.action(), v1::Action::Allow);
     assert!(!d.cacheable, "{d:?}");
-    let mut scoped = broker.agent_with("node-b", &["scoped-cache"]).await;
+    let mut scoped = broker
+        .agent_with("node-b", &[fleetscan_proto::CAPABILITY_SCOPED_CACHE])
+        .await;
     scoped
         .request_from(1, b"fine", v1::AccessKind::Open, "web", "")
         .await;
@@ -718,20 +678,7 @@ async fn an_old_configuration_with_one_policy_still_works() {
     assert_eq!(d.action(), v1::Action::Deny, "closed without a worker");
     let mut worker = broker.worker("w1", &identity("r1")).await;
     worker.credit(2).await;
-    let admin = broker.admin().await;
-    eventually("the worker to ask for work", || {
-        let mut admin = admin.clone();
-        async move {
-            let workers = admin
-                .list_workers(v1::ListWorkersRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .workers;
-            workers.into_iter().find(|w| w.credits > 0)
-        }
-    })
-    .await;
+    broker.wait_for_worker(None).await;
     agent
         .request_from(2, b"x", v1::AccessKind::Open, "some-namespace", "acme")
         .await;
@@ -754,4 +701,92 @@ async fn an_old_configuration_with_one_policy_still_works() {
         }
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_tenants_agent_is_decided_as_its_own_tenant_whatever_namespace_it_names() {
+    // acme's agent names globex's namespace (and label): the access is still acme's, so it
+    // goes to acme's worker under acme's policy, and is recorded as acme's, never globex's.
+    let broker = TestBroker::start(two_tenants).await;
+    let mut acme = broker
+        .credited_worker_in("acme-w", &identity("r1"), "scanners", &["acme"], 4)
+        .await;
+    let mut globex = broker
+        .credited_worker_in("globex-w", &identity("r1"), "scanners", &["globex"], 4)
+        .await;
+    let mut agent = broker.agent_of("node-a", "acme").await;
+    agent
+        .request_from(
+            1,
+            b"globex's content",
+            v1::AccessKind::Open,
+            "web",
+            "globex",
+        )
+        .await;
+    let decided = decision(agent);
+    let job = acme.job().await;
+    assert_eq!(job.job.tenant, "acme");
+    acme.answer(job.job.job_id, v1::VerdictResult::Malicious, "EICAR")
+        .await;
+    let (mut agent, d) = decided.await.unwrap();
+    // globex's policy would only be the fleet's; acme's own denies.
+    assert_eq!(d.action(), v1::Action::Deny, "{}", d.reason);
+    // acme's own namespaces keep their overrides: audit-only lets the same content through.
+    agent
+        .request_from(2, b"globex's content", v1::AccessKind::Open, "shop-dev", "")
+        .await;
+    let d = agent.decision().await;
+    assert_eq!(d.action(), v1::Action::Allow, "{}", d.reason);
+    assert!(d.reason.starts_with("audit-only"), "{}", d.reason);
+    assert!(
+        globex
+            .job_within(std::time::Duration::from_millis(200))
+            .await
+            .is_none(),
+        "globex's worker never sees acme's agent's content"
+    );
+    let store = broker.store().await;
+    eventually("both accesses to be recorded as acme's", || {
+        let store = store.clone();
+        async move {
+            let rows = store.list_accesses(&tenant_events("acme")).await.unwrap();
+            (rows.len() == 2).then_some(rows)
+        }
+    })
+    .await;
+    assert!(
+        store
+            .list_accesses(&tenant_events("globex"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn an_agent_hello_with_an_invalid_tenant_is_refused() {
+    use fleetscan_proto::v1::agent_message;
+    use fleetscan_proto::v1::agent_service_client::AgentServiceClient;
+
+    let broker = TestBroker::start(two_tenants).await;
+    let mut client = AgentServiceClient::new(broker.channel().await);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut hello = common::hello("node-a");
+    if let Some(agent_message::Msg::Hello(h)) = &mut hello.msg {
+        h.tenant = "Acme/../globex".into();
+    }
+    tx.send(hello).await.unwrap();
+    let status = match client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+    {
+        Err(status) => status,
+        Ok(response) => response
+            .into_inner()
+            .message()
+            .await
+            .expect_err("the session is refused"),
+    };
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
 }

@@ -171,11 +171,6 @@ impl PoolKey {
             _ => "",
         }
     }
-
-    /// The name as the pool's tenants know it.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
 }
 
 impl std::fmt::Display for PoolKey {
@@ -653,19 +648,6 @@ impl Tenancy {
         &self.namespace_label
     }
 
-    /// Namespaces the configuration assigns to tenants.
-    pub fn namespace_tenants(&self) -> &BTreeMap<String, String> {
-        &self.namespace_tenants
-    }
-
-    pub fn is_tenant(&self, tenant: &str) -> bool {
-        self.tenants.contains_key(tenant)
-    }
-
-    pub fn tenants(&self) -> impl Iterator<Item = &str> {
-        self.tenants.keys().map(String::as_str)
-    }
-
     /// The tenant of an access from namespace `namespace` (empty: a host process, outside any
     /// pod), whose namespace label named `labelled` (empty: no label, or not known). The
     /// configuration's mapping wins over the label; a label naming no configured tenant, an
@@ -864,7 +846,7 @@ impl Tenancy {
                     policy: p.policy.clone(),
                     exec_only: p.exec_only,
                     exclusions: p.exclusions.clone(),
-                    pools: p.pools.iter().map(|k| k.name().to_owned()).collect(),
+                    pools: p.pools.iter().map(|k| k.name.clone()).collect(),
                 })
                 .collect(),
         }
@@ -1075,7 +1057,7 @@ mod tests {
             PoolKey::shared("clamav"),
         ] {
             assert_eq!(PoolKey::parse(&key.key()), key);
-            assert_eq!(PoolKey::from_store(key.store_tenant(), key.name()), key);
+            assert_eq!(PoolKey::from_store(key.store_tenant(), &key.name), key);
         }
         assert_eq!(
             PoolKey::fleet_default().key(),

@@ -134,6 +134,55 @@ impl TestBroker {
             .expect("attach accepted")
     }
 
+    /// An agent whose hello names `tenant` as its own.
+    pub async fn agent_of(&self, node: &str, tenant: &str) -> ScriptedAgent {
+        let mut hello = hello(node);
+        if let Some(agent_message::Msg::Hello(h)) = &mut hello.msg {
+            h.tenant = tenant.to_owned();
+        }
+        ScriptedAgent::connect(self, hello).await
+    }
+
+    /// A worker of `pool` for `tenants` that was accepted and gave `credits`, once the broker
+    /// lists it with credit (so that its pool is live for the next access).
+    pub async fn credited_worker_in(
+        &self,
+        name: &str,
+        identity: &ScannerIdentity,
+        pool: &str,
+        tenants: &[&str],
+        credits: u32,
+    ) -> ScriptedWorker {
+        let worker = self
+            .worker_in(name, identity, pool, tenants)
+            .await
+            .expect("attach accepted");
+        worker.credit(credits).await;
+        self.wait_for_worker(Some(name)).await;
+        worker
+    }
+
+    /// Waits (within `WAIT`) until the broker lists a worker with credit: the one named
+    /// `name`, or any.
+    pub async fn wait_for_worker(&self, name: Option<&str>) -> v1::Worker {
+        let admin = self.admin().await;
+        eventually("a worker to ask for work", || {
+            let mut admin = admin.clone();
+            async move {
+                let workers = admin
+                    .list_workers(v1::ListWorkersRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .workers;
+                workers
+                    .into_iter()
+                    .find(|w| name.is_none_or(|n| w.worker_name == n) && w.credits > 0)
+            }
+        })
+        .await
+    }
+
     /// A worker of `pool` for `tenants`; the broker's refusal as an error.
     pub async fn worker_in(
         &self,
@@ -225,21 +274,41 @@ impl ScriptedAgent {
             .expect("agent stream open");
     }
 
-    /// Asks about `content`; the agent uploads it when the broker asks.
+    /// Asks about `content` for a host process; the agent uploads it when the broker asks.
     pub async fn request(&mut self, request_id: u64, content: &[u8], deadline_ms: u32) {
+        self.request_with(
+            request_id,
+            content,
+            v1::AccessKind::Open,
+            deadline_ms,
+            v1::Subject::default(),
+        )
+        .await;
+    }
+
+    /// Asks about `content` (uploaded when the broker asks) for `subject`, which is given the
+    /// test's pid, uid and executable.
+    async fn request_with(
+        &mut self,
+        request_id: u64,
+        content: &[u8],
+        kind: v1::AccessKind,
+        deadline_ms: u32,
+        subject: v1::Subject,
+    ) {
         self.contents.insert(request_id, content.to_vec());
         self.request_raw(v1::AccessRequest {
             request_id,
             sha256: Sha256::of(content).to_hex(),
             size: content.len() as u64,
             path: format!("/data/file-{request_id}"),
-            kind: v1::AccessKind::Open.into(),
+            kind: kind.into(),
             deadline_ms,
             subject: Some(v1::Subject {
                 pid: 4242,
                 uid: 1000,
                 exe: "/usr/bin/cat".into(),
-                ..Default::default()
+                ..subject
             }),
             ..Default::default()
         })
@@ -256,25 +325,13 @@ impl ScriptedAgent {
         namespace: &str,
         tenant: &str,
     ) {
-        self.contents.insert(request_id, content.to_vec());
-        self.request_raw(v1::AccessRequest {
-            request_id,
-            sha256: Sha256::of(content).to_hex(),
-            size: content.len() as u64,
-            path: format!("/data/file-{request_id}"),
-            kind: kind.into(),
-            deadline_ms: 10_000,
-            subject: Some(v1::Subject {
-                pid: 4242,
-                uid: 1000,
-                exe: "/usr/bin/cat".into(),
-                k8s_namespace: namespace.into(),
-                tenant: tenant.into(),
-                ..Default::default()
-            }),
+        let subject = v1::Subject {
+            k8s_namespace: namespace.into(),
+            tenant: tenant.into(),
             ..Default::default()
-        })
-        .await;
+        };
+        self.request_with(request_id, content, kind, 10_000, subject)
+            .await;
     }
 
     /// Waits for a policy update (recorded or new) within `WAIT`.
