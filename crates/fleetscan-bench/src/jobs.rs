@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use clap::Args;
 use fleetscan_broker::{Broker, BrokerConfig};
 use fleetscan_core::ScannerIdentity;
@@ -309,8 +309,52 @@ async fn drive(
     duration: Duration,
     row: u32,
 ) -> anyhow::Result<Row> {
-    // Filler that does not compress to nothing, made once; each call copies it and stamps its
-    // own identity on the first 16 bytes.
+    let mut channels = Vec::with_capacity(connections.min(concurrency));
+    for _ in 0..connections.min(concurrency) {
+        channels.push(client(url).await?);
+    }
+    run_clients(name, size, concurrency, duration, row, |id| {
+        let client = channels[id % channels.len()].clone();
+        move |data: Bytes| {
+            // A clone shares the connection: calls of one client stay one after the other.
+            let mut client = client.clone();
+            async move {
+                let resp = client
+                    .scan_bytes(v1::ScanBytesRequest {
+                        data,
+                        name: String::new(),
+                    })
+                    .await
+                    .map_err(|status| status.to_string())?;
+                let resp = resp.get_ref();
+                if resp.action == v1::Action::Allow as i32 {
+                    Ok(())
+                } else {
+                    Err(format!("not allowed: {}", resp.reason))
+                }
+            }
+        }
+    })
+    .await
+}
+
+/// Runs `concurrency` clients for `duration`; client `id` calls `new_call(id)` with content of
+/// `size` bytes, unique across the whole run (`row` keeps two rows apart), and waits for its
+/// answer before the next call. A call's `Err` is counted as failed, with its text.
+async fn run_clients<F, Fut>(
+    name: String,
+    size: usize,
+    concurrency: usize,
+    duration: Duration,
+    row: u32,
+    mut new_call: impl FnMut(usize) -> F,
+) -> anyhow::Result<Row>
+where
+    F: FnMut(Bytes) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
+    // Filler that does not compress to nothing, made once; each client copies it and stamps
+    // each call's identity on the first 16 bytes.
     let mut base = vec![0u8; size];
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     for chunk in base.chunks_mut(8) {
@@ -319,58 +363,37 @@ async fn drive(
         x ^= x << 17;
         chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
     }
-    let base = Arc::new(base);
-    let mut channels = Vec::with_capacity(connections.min(concurrency));
-    for _ in 0..connections.min(concurrency) {
-        channels.push(client(url).await?);
-    }
-    let clients: Vec<_> = (0..concurrency)
-        .map(|i| channels[i % channels.len()].clone())
-        .collect();
+    let calls: Vec<F> = (0..concurrency).map(&mut new_call).collect();
     let cpu_before = process_cpu();
     let start = Instant::now();
     let deadline = start + duration;
     let mut tasks = Vec::with_capacity(concurrency);
-    for (id, mut c) in clients.into_iter().enumerate() {
-        let base = base.clone();
+    for (id, mut call) in calls.into_iter().enumerate() {
+        // One buffer per client, stamped anew for each call: an application has its content
+        // in memory already, so making it is not part of what is measured.
+        let mut data = BytesMut::from(base.as_slice());
         tasks.push(tokio::spawn(async move {
             let mut r = ClientResult::default();
             let mut n: u64 = 0;
-            // One buffer per client, stamped anew for each call: an application has its content
-            // in memory already, so making it is not part of what is measured.
-            let mut data = BytesMut::from(base.as_slice());
+            let tag = (u64::from(row) << 32) | id as u64;
             while Instant::now() < deadline {
-                let tag = (u64::from(row) << 32) | id as u64;
                 data[..8].copy_from_slice(&tag.to_le_bytes());
                 data[8..16].copy_from_slice(&n.to_le_bytes());
                 n += 1;
                 let sent = data.freeze();
                 let t = Instant::now();
-                let res = c
-                    .scan_bytes(v1::ScanBytesRequest {
-                        data: sent.clone(),
-                        name: String::new(),
-                    })
-                    .await;
+                let res = call(sent.clone()).await;
                 r.latencies.push(t.elapsed());
-                // The call is over, so the request's copy is gone: take the buffer back (or
-                // copy it, should the transport still hold a reference).
+                // The call is over, so its copy is gone: take the buffer back (or copy it,
+                // should the transport or the broker still hold a reference).
                 data = sent
                     .try_into_mut()
                     .unwrap_or_else(|sent| BytesMut::from(&sent[..]));
                 match res {
-                    Ok(resp) if resp.get_ref().action == v1::Action::Allow as i32 => {
-                        r.bytes += size as u64;
-                    }
-                    Ok(resp) => {
+                    Ok(()) => r.bytes += size as u64,
+                    Err(e) => {
                         r.failed += 1;
-                        r.first_error.get_or_insert_with(|| {
-                            format!("not allowed: {}", resp.get_ref().reason)
-                        });
-                    }
-                    Err(status) => {
-                        r.failed += 1;
-                        r.first_error.get_or_insert_with(|| status.to_string());
+                        r.first_error.get_or_insert(e);
                     }
                 }
             }
@@ -453,36 +476,19 @@ async fn drive_engine(
     use fleetscan_broker::decide::Resolution;
     use fleetscan_broker::engine::{DEFAULT_POOL, Lookup, Pending};
 
-    let base: Vec<u8> = (0..size)
-        .map(|i| (i.wrapping_mul(131) % 251) as u8)
-        .collect();
-    let base = Arc::new(base);
     let scan_deadline = engine.config.scan_deadline;
-    let cpu_before = process_cpu();
-    let start = Instant::now();
-    let deadline = start + duration;
-    let mut tasks = Vec::with_capacity(concurrency);
-    for id in 0..concurrency {
-        let (engine, base) = (engine.clone(), base.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut r = ClientResult::default();
-            let mut n: u64 = 0;
-            while Instant::now() < deadline {
-                let mut data = BytesMut::from(base.as_slice());
-                let tag = (u64::from(row) << 32) | id as u64;
-                data[..8].copy_from_slice(&tag.to_le_bytes());
-                data[8..16].copy_from_slice(&n.to_le_bytes());
-                n += 1;
-                let data = data.freeze();
-                let t = Instant::now();
-                let (_, pending) = engine.resolve(Lookup {
-                    sha256: fleetscan_core::Sha256::of(&data),
-                    size: data.len() as u64,
-                    tenant: fleetscan_core::DEFAULT_TENANT.to_owned(),
-                    pool: DEFAULT_POOL,
-                    path_hint: String::new(),
-                    source: ContentSource::Memory(data),
-                });
+    run_clients(name, size, concurrency, duration, row, |_| {
+        let engine = engine.clone();
+        move |data: Bytes| {
+            let (_, pending) = engine.resolve(Lookup {
+                sha256: fleetscan_core::Sha256::of(&data),
+                size: data.len() as u64,
+                tenant: fleetscan_core::DEFAULT_TENANT.to_owned(),
+                pool: DEFAULT_POOL,
+                path_hint: String::new(),
+                source: ContentSource::Memory(data),
+            });
+            async move {
                 let resolution = match pending {
                     Pending::Ready(res) => Some(res),
                     Pending::Wait(w) => tokio::time::timeout(scan_deadline, w.wait())
@@ -490,26 +496,19 @@ async fn drive_engine(
                         .ok()
                         .flatten(),
                 };
-                r.latencies.push(t.elapsed());
                 match resolution {
                     Some(Resolution::Verdict(v))
                         if v.kind == fleetscan_core::VerdictKind::Clean =>
                     {
-                        r.bytes += size as u64;
+                        Ok(())
                     }
-                    other => {
-                        r.failed += 1;
-                        r.first_error.get_or_insert_with(|| match other {
-                            Some(Resolution::Verdict(v)) => format!("verdict {:?}", v.kind),
-                            Some(Resolution::Failed(why)) => why,
-                            Some(Resolution::Oversize(n)) => format!("oversize {n}"),
-                            None => "no resolution within the scan deadline".into(),
-                        });
-                    }
+                    Some(Resolution::Verdict(v)) => Err(format!("verdict {:?}", v.kind)),
+                    Some(Resolution::Failed(why)) => Err(why),
+                    Some(Resolution::Oversize(n)) => Err(format!("oversize {n}")),
+                    None => Err("no resolution within the scan deadline".into()),
                 }
             }
-            r
-        }));
-    }
-    collect(name, tasks, start, cpu_before).await
+        }
+    })
+    .await
 }

@@ -120,17 +120,9 @@ struct Pass {
 }
 
 /// Opens, reads whole and closes every file once; times each `open(2)` and the whole pass.
-fn pass(paths: &[PathBuf]) -> Pass {
-    timed_pass(paths, false)
-}
-
-/// [`pass`], and the SHA-256 of every file's content after reading it: the work no fleet-warm
-/// open can avoid (the agent must hash the content to ask for its verdict), with no agent.
-fn hash_pass(paths: &[PathBuf]) -> Pass {
-    timed_pass(paths, true)
-}
-
-fn timed_pass(paths: &[PathBuf], hash: bool) -> Pass {
+/// With `hash`, also the SHA-256 of every file's content after reading it: the work no
+/// fleet-warm open can avoid (the agent must hash the content to ask for its verdict).
+fn pass(paths: &[PathBuf], hash: bool) -> Pass {
     let mut lat = Vec::with_capacity(paths.len());
     let mut buf = Vec::with_capacity(2 * 1024 * 1024);
     let mut failed = 0;
@@ -212,8 +204,9 @@ fn median(values: impl Iterator<Item = f64>) -> f64 {
     }
 }
 
-fn passes(rounds: usize, paths: &[PathBuf]) -> Vec<Pass> {
-    (0..rounds).map(|_| pass(paths)).collect()
+/// `rounds` passes over `paths`, each as [`pass`].
+fn passes(rounds: usize, paths: &[PathBuf], hash: bool) -> Vec<Pass> {
+    (0..rounds).map(|_| pass(paths, hash)).collect()
 }
 
 fn start_up(
@@ -281,8 +274,8 @@ fn opens(a: &OpensArgs) -> anyhow::Result<()> {
     // how far apart the two filesystems are when nothing protects either.
     let (mut first, mut first_copy) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
-        first.push(pass(&paths));
-        first_copy.push(pass(&paths2));
+        first.push(pass(&paths, false));
+        first_copy.push(pass(&paths2, false));
     }
     let mut rows = vec![
         Row::new("no agent", first),
@@ -292,7 +285,7 @@ fn opens(a: &OpensArgs) -> anyhow::Result<()> {
     let (up, url) = start_up(&mut sandbox, "up-1", &data, &state, &[])?;
     rows.push(Row::new(
         "agent cold (host 1, every file scanned)",
-        vec![pass(&paths)],
+        vec![pass(&paths, false)],
     ));
     let cold = rows.len() - 1;
     let scanned = stats(&url)?.scans_started;
@@ -300,8 +293,8 @@ fn opens(a: &OpensArgs) -> anyhow::Result<()> {
     // baseline taken at the same moments, so that the load of a shared machine hits both alike.
     let (mut warm_passes, mut beside) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
-        beside.push(pass(&paths2));
-        warm_passes.push(pass(&paths));
+        beside.push(pass(&paths2, false));
+        warm_passes.push(pass(&paths, false));
     }
     rows.push(Row::new(
         "agent warm (host 1 again, kernel ignore marks)",
@@ -325,7 +318,7 @@ fn opens(a: &OpensArgs) -> anyhow::Result<()> {
         let node = format!("bench-host-2-{r}");
         let agent = sandbox.agent(&node, &[url.as_str()], &[data2.as_path()], &[]);
         block_on(wait_for_host(&url, &node))?;
-        fleet.push(pass(&paths2));
+        fleet.push(pass(&paths2, false));
         sandbox.stop(&agent);
     }
     let after = stats(&url)?;
@@ -336,7 +329,7 @@ fn opens(a: &OpensArgs) -> anyhow::Result<()> {
     let fleet_warm = rows.len() - 1;
     rows.push(Row::new(
         "floor: no agent, + SHA-256 of each file by the opener",
-        (0..rounds).map(|_| hash_pass(&paths2)).collect(),
+        passes(rounds, &paths2, true),
     ));
     let floor = rows.len() - 1;
     sandbox.stop(&up);
@@ -344,18 +337,18 @@ fn opens(a: &OpensArgs) -> anyhow::Result<()> {
     let (up2, url2) = start_up(&mut sandbox, "up-2", &data, &state, &["--no-ignore-marks"])?;
     rows.push(Row::new(
         "agent restarted (verdicts in store)",
-        vec![pass(&paths)],
+        vec![pass(&paths, false)],
     ));
     rows.push(Row::new(
         "agent warm (user-space cache only)",
-        passes(rounds, &paths),
+        passes(rounds, &paths, false),
     ));
     let scanned2 = stats(&url2)?.scans_started;
     sandbox.stop(&up2);
     // Once more with no agent, so that a drift of the machine during the run shows.
     rows.push(Row::new(
         "no agent (again, after the agents stopped)",
-        passes(rounds, &paths),
+        passes(rounds, &paths, false),
     ));
     drop(sandbox);
 

@@ -588,7 +588,9 @@ fn run_ok(cmd: &mut Command) {
     );
 }
 
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
+/// Runs `f` to completion from synchronous code: on the current tokio runtime when there is one
+/// (a multi-threaded one: the caller's thread blocks), else on a new current-thread runtime.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     match tokio::runtime::Handle::try_current() {
         Ok(h) => tokio::task::block_in_place(|| h.block_on(f)),
         Err(_) => tokio::runtime::Builder::new_current_thread()
@@ -692,31 +694,46 @@ pub async fn stats(url: &str) -> v1::Stats {
 
 /// Every recorded access of `tenant` at the broker at `url`, newest first (up to 1000).
 pub async fn events_of(url: &str, tenant: &str) -> Vec<v1::AccessEvent> {
-    let mut request = tonic::Request::new(v1::ListEventsRequest {
-        limit: 1000,
-        ..Default::default()
-    });
-    request.metadata_mut().insert(
-        "fleetscan-tenant",
-        tenant.parse().expect("a tenant name is a header value"),
-    );
-    admin(url)
-        .await
-        .list_events(request)
-        .await
-        .expect("ListEvents")
-        .into_inner()
-        .events
+    list_events(url, Some(tenant)).await
 }
 
 /// Every recorded access of the broker at `url`, newest first (up to 1000).
 pub async fn events(url: &str) -> Vec<v1::AccessEvent> {
+    list_events(url, None).await
+}
+
+/// Waits up to 10 s until the broker at `url` has recorded an access of `tenant` to `path`, and
+/// returns the newest such record.
+pub async fn wait_for_event(url: &str, tenant: &str, path: &str) -> v1::AccessEvent {
+    eventually(
+        Duration::from_secs(10),
+        &format!("{tenant}'s access to {path} to be recorded"),
+        || async move {
+            events_of(url, tenant)
+                .await
+                .into_iter()
+                .find(|e| e.path == path)
+        },
+    )
+    .await
+}
+
+/// Up to 1000 recorded accesses, newest first: `tenant`'s (named in the tenant header the
+/// broker reads, [`fleetscan_proto::TENANT_HEADER`]), else the fleet operator's.
+async fn list_events(url: &str, tenant: Option<&str>) -> Vec<v1::AccessEvent> {
+    let mut request = tonic::Request::new(v1::ListEventsRequest {
+        limit: 1000,
+        ..Default::default()
+    });
+    if let Some(tenant) = tenant {
+        request.metadata_mut().insert(
+            fleetscan_proto::TENANT_HEADER,
+            tenant.parse().expect("a tenant name is a header value"),
+        );
+    }
     admin(url)
         .await
-        .list_events(v1::ListEventsRequest {
-            limit: 1000,
-            ..Default::default()
-        })
+        .list_events(request)
         .await
         .expect("ListEvents")
         .into_inner()
@@ -780,6 +797,16 @@ pub async fn workers(url: &str) -> Vec<v1::Worker> {
 /// The scans the workers attached to the broker at `url` have finished (their `jobs_done`).
 pub async fn jobs_done(url: &str) -> u64 {
     workers(url).await.iter().map(|w| w.jobs_done).sum()
+}
+
+/// The scans the workers serving `tenant` at the broker at `url` have finished.
+pub async fn jobs_done_of(url: &str, tenant: &str) -> u64 {
+    workers(url)
+        .await
+        .iter()
+        .filter(|w| w.tenants.iter().any(|t| t == tenant))
+        .map(|w| w.jobs_done)
+        .sum()
 }
 
 /// The hosts the broker at `url` knows.

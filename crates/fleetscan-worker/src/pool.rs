@@ -59,6 +59,9 @@ struct State {
     /// Runners not scanning: started and not yet running, or between two jobs. Each of them
     /// looks at the queue before it ends, so a job queued meanwhile needs no new runner.
     free: usize,
+    /// Runners ever started, for tests to see how many a burst cost.
+    #[cfg(test)]
+    started: usize,
 }
 
 impl State {
@@ -69,6 +72,10 @@ impl State {
         if start {
             self.runners += 1;
             self.free += 1;
+            #[cfg(test)]
+            {
+                self.started += 1;
+            }
         }
         start
     }
@@ -181,18 +188,61 @@ impl ScanPool {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Condvar;
     use std::sync::atomic::AtomicUsize;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     use fleetscan_core::{ScannerIdentity, VerdictKind};
 
     use super::*;
 
-    /// Counts scans running at once; panics on "boom".
+    /// How long a test waits for scans or runners before it fails rather than hangs.
+    const PATIENCE: Duration = Duration::from_secs(30);
+
+    /// Counts scans running at once; panics on "boom". While the gate is held, every scan waits
+    /// at it: a test sees the peak of scans at once however slow the machine, not by timing.
     #[derive(Default)]
     struct Counting {
         active: AtomicUsize,
         max_active: AtomicUsize,
+        gate: Mutex<Gate>,
+        changed: Condvar,
+    }
+
+    #[derive(Default)]
+    struct Gate {
+        held: bool,
+        /// Scans waiting at the gate.
+        waiting: usize,
+    }
+
+    impl Counting {
+        /// A scanner whose scans wait until [`Counting::release`].
+        fn held() -> Arc<Counting> {
+            let scanner = Counting::default();
+            scanner.gate.lock().unwrap().held = true;
+            Arc::new(scanner)
+        }
+
+        /// Blocks until `n` scans wait at the gate; panics after [`PATIENCE`].
+        fn wait_for_waiting(&self, n: usize) {
+            let gate = self.gate.lock().unwrap();
+            let (gate, timeout) = self
+                .changed
+                .wait_timeout_while(gate, PATIENCE, |g| g.waiting < n)
+                .unwrap();
+            assert!(
+                !timeout.timed_out(),
+                "{} scans at the gate after {PATIENCE:?}, expected {n}",
+                gate.waiting
+            );
+        }
+
+        /// Lets every scan through, now and later.
+        fn release(&self) {
+            self.gate.lock().unwrap().held = false;
+            self.changed.notify_all();
+        }
     }
 
     impl Scanner for Counting {
@@ -203,7 +253,13 @@ mod tests {
         fn scan(&self, content: &[u8]) -> ScanOutcome {
             let now = self.active.fetch_add(1, Ordering::SeqCst) + 1;
             self.max_active.fetch_max(now, Ordering::SeqCst);
-            std::thread::sleep(Duration::from_millis(5));
+            {
+                let mut gate = self.gate.lock().unwrap();
+                gate.waiting += 1;
+                self.changed.notify_all();
+                let mut gate = self.changed.wait_while(gate, |g| g.held).unwrap();
+                gate.waiting -= 1;
+            }
             self.active.fetch_sub(1, Ordering::SeqCst);
             assert!(content != b"boom", "scanner bug");
             ScanOutcome::clean()
@@ -226,14 +282,36 @@ mod tests {
         (job, cancelled)
     }
 
+    /// Waits until every runner has ended (a runner ends after sending its last `Done`).
+    async fn idle(pool: &ScanPool) {
+        let start = Instant::now();
+        loop {
+            {
+                let state = pool.lock();
+                if state.runners == 0 {
+                    return;
+                }
+                assert!(
+                    start.elapsed() < PATIENCE,
+                    "{} runners still running after {PATIENCE:?}",
+                    state.runners
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn never_more_scans_at_once_than_the_limit_and_every_job_is_answered() {
-        let scanner = Arc::new(Counting::default());
+        let scanner = Counting::held();
         let pool = ScanPool::new(scanner.clone(), 3);
         let (tx, mut rx) = mpsc::unbounded_channel();
         for i in 0..40 {
             pool.submit(job(i, format!("content {i}").as_bytes(), &tx).0);
         }
+        // The first three jobs hold every slot; the other 37 wait in the queue.
+        tokio::task::block_in_place(|| scanner.wait_for_waiting(3));
+        scanner.release();
         let mut ids = Vec::new();
         for _ in 0..40 {
             let done = rx.recv().await.unwrap();
@@ -244,7 +322,7 @@ mod tests {
         assert_eq!(ids, (0..40).collect::<Vec<_>>());
         assert_eq!(scanner.max_active.load(Ordering::SeqCst), 3);
         // Every runner ended once the queue was empty.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        idle(&pool).await;
         assert_eq!(pool.lock().runners, 0);
     }
 
@@ -252,20 +330,17 @@ mod tests {
     /// wait starts the next, so slow scans still run `limit` at once, and never more.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_burst_starts_runners_one_by_one_up_to_the_limit() {
-        let scanner = Arc::new(Counting::default());
+        let scanner = Counting::held();
         let pool = ScanPool::new(scanner.clone(), 4);
         let (tx, mut rx) = mpsc::unbounded_channel();
         let burst: Vec<_> = (0..30)
             .map(|i| job(i, format!("burst {i}").as_bytes(), &tx).0)
             .collect();
         pool.submit_all(burst);
-        {
-            let state = pool.lock();
-            assert!(
-                state.runners <= 1,
-                "one runner for the burst, not one per job"
-            );
-        }
+        // Held scans keep their runners: the peak of four is reached and stays until release.
+        tokio::task::block_in_place(|| scanner.wait_for_waiting(4));
+        assert_eq!(scanner.max_active.load(Ordering::SeqCst), 4);
+        scanner.release();
         let mut ids = Vec::new();
         for _ in 0..30 {
             ids.push(rx.recv().await.unwrap().job_id);
@@ -273,9 +348,14 @@ mod tests {
         ids.sort_unstable();
         assert_eq!(ids, (0..30).collect::<Vec<_>>());
         assert_eq!(scanner.max_active.load(Ordering::SeqCst), 4);
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        idle(&pool).await;
         let state = pool.lock();
         assert_eq!((state.runners, state.free), (0, 0));
+        // No runner ends while jobs wait, so the whole burst cost exactly `limit` runners.
+        assert_eq!(
+            state.started, 4,
+            "one runner for the burst, then one per runner up to the limit, not one per job"
+        );
     }
 
     #[tokio::test]

@@ -356,19 +356,7 @@ impl<'a> Session<'a> {
             let draining = self.drain_deadline.is_some();
             let step = tokio::select! {
                 () = shutdown.as_mut(), if !draining => self.start_drain(),
-                msg = inbound.next() => match msg {
-                    Some(Ok(cmd)) => {
-                        self.last_heard = Instant::now();
-                        self.on_command(cmd)
-                    }
-                    Some(Err(status)) => Err(lost(true, format!("stream failed: {status}"))),
-                    None if draining => {
-                        // The broker hung up first: results not yet sent are abandoned, and
-                        // the broker re-queues their jobs.
-                        return End::Shutdown;
-                    }
-                    None => Err(lost(true, "broker closed the stream")),
-                },
+                msg = inbound.next() => self.on_received(msg),
                 Some(done) = self.done_rx.recv() => self.on_done(done),
                 _ = heartbeat.tick() => self.send(Message::Heartbeat(v1::Heartbeat {
                     sent_at_unix_ms: now_unix_ms(),
@@ -401,18 +389,25 @@ impl<'a> Session<'a> {
                 std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *inbound).poll_next(cx))).await;
             match polled {
                 Poll::Pending => return Ok(()),
-                Poll::Ready(Some(Ok(cmd))) => {
-                    self.last_heard = Instant::now();
-                    self.on_command(cmd)?;
-                }
-                Poll::Ready(Some(Err(status))) => {
-                    return Err(lost(true, format!("stream failed: {status}")));
-                }
-                Poll::Ready(None) if self.drain_deadline.is_some() => return Err(End::Shutdown),
-                Poll::Ready(None) => return Err(lost(true, "broker closed the stream")),
+                Poll::Ready(msg) => self.on_received(msg)?,
             }
         }
         Ok(())
+    }
+
+    /// Handles one read from the broker's stream: a command, or the end of the session.
+    fn on_received(&mut self, msg: Option<Result<WorkerCommand, Status>>) -> Result<(), End> {
+        match msg {
+            Some(Ok(cmd)) => {
+                self.last_heard = Instant::now();
+                self.on_command(cmd)
+            }
+            Some(Err(status)) => Err(lost(true, format!("stream failed: {status}"))),
+            // The broker hung up first while draining: results not yet sent are abandoned, and
+            // the broker re-queues their jobs.
+            None if self.drain_deadline.is_some() => Err(End::Shutdown),
+            None => Err(lost(true, "broker closed the stream")),
+        }
     }
 
     fn on_command(&mut self, cmd: WorkerCommand) -> Result<(), End> {
