@@ -173,7 +173,7 @@ fn to_u32(table: &'static str, column: &'static str, value: i64) -> Result<u32, 
     u32::try_from(value).map_err(|_| StoreError::corrupt(table, column, value.to_string()))
 }
 
-fn sha256(table: &'static str, bytes: &[u8]) -> Result<Sha256, StoreError> {
+pub(crate) fn sha256(table: &'static str, bytes: &[u8]) -> Result<Sha256, StoreError> {
     <[u8; 32]>::try_from(bytes)
         .map(Sha256)
         .map_err(|_| StoreError::corrupt(table, "sha256", format!("{} bytes", bytes.len())))

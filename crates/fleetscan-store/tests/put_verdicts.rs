@@ -20,6 +20,7 @@ both_backends!(
     a_batch_replaces_stored_verdicts_and_its_last_duplicate_wins,
     an_empty_batch_does_nothing,
     a_batch_with_a_value_out_of_range_writes_nothing,
+    stored_contents_are_paged_in_digest_order_once_each,
 );
 
 fn identity(ruleset: &str) -> ScannerIdentity {
@@ -133,4 +134,40 @@ async fn a_batch_with_a_value_out_of_range_writes_nothing(f: Fixture) {
     let err = f.store.put_verdicts(&[good, bad]).await.unwrap_err();
     assert!(matches!(err, StoreError::OutOfRange { .. }), "{err}");
     assert_eq!(f.store.counts().await.unwrap().verdicts, 0);
+}
+
+/// What a broker that owns its store reads at start: every content with a fleet-wide verdict,
+/// once however many identities judged it, in digest order, page by page. Tenants' own verdicts
+/// are not the fleet's.
+async fn stored_contents_are_paged_in_digest_order_once_each(f: Fixture) {
+    let mut batch: Vec<Verdict> = (0..25)
+        .map(|i| verdict(i, "r1", VerdictKind::Clean, 10))
+        .collect();
+    batch.extend((0..10).map(|i| verdict(i, "r2", VerdictKind::Clean, 10)));
+    f.store.put_verdicts(&batch).await.unwrap();
+    f.store
+        .put_tenant_verdict("acme", &verdict(100, "r1", VerdictKind::Clean, 10))
+        .await
+        .unwrap();
+    let mut expected: Vec<Sha256> = (0..25)
+        .map(|i| verdict(i, "r1", VerdictKind::Clean, 10).sha256)
+        .collect();
+    expected.sort();
+
+    let mut read = Vec::new();
+    let mut after = None;
+    loop {
+        let page = f
+            .store
+            .verdict_contents_after(after.as_ref(), 7)
+            .await
+            .unwrap();
+        assert!(page.len() <= 7);
+        read.extend_from_slice(&page);
+        match page.last() {
+            Some(last) if page.len() == 7 => after = Some(*last),
+            _ => break,
+        }
+    }
+    assert_eq!(read, expected);
 }
