@@ -26,7 +26,7 @@ use fleetscan_core::{
     DEFAULT_TENANT, Policy, PoolKey, ScannerIdentity, Sha256, Tenancy, TenancyConfig, Verdict,
     now_unix_ms,
 };
-use fleetscan_store::{FleetState, Store};
+use fleetscan_store::{Backend, FleetState, Store};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Semaphore, watch};
 use tracing::{error, info, warn};
@@ -40,6 +40,7 @@ use crate::fleet::{Fleet, Skipped, Standing};
 use crate::flight::{Joined, Leader, SingleFlight, Waiter};
 use crate::scheduler::{EnqueueError, JobPayload, RunOutcome, Scheduler};
 use crate::stats::{Stats, bump};
+use crate::stored::StoredContents;
 use crate::writer::{WriteBehind, WriteOp};
 
 /// The fleet operator's default pool, as a pool key: the pool of every worker that names none,
@@ -121,6 +122,9 @@ pub struct Engine {
     content_budget: Arc<Semaphore>,
     /// Turns true when the broker shuts down; long-lived streams end on it.
     pub stop: watch::Receiver<bool>,
+    /// What a store this broker owns alone (SQLite) may hold, so that a miss on new content
+    /// skips the look-up; `None` on Postgres, which other brokers write to.
+    pub stored_contents: Option<Arc<StoredContents>>,
 }
 
 impl Engine {
@@ -135,6 +139,8 @@ impl Engine {
             .map_err(|e| BrokerError::InvalidArgument(format!("tenancy configuration: {e}")))?;
         // Until the fleet's generation is read: one of this broker's own, which no agent holds.
         let first_generation = local_generation();
+        let stored_contents =
+            (store.backend() == Backend::Sqlite).then(|| Arc::new(StoredContents::new()));
         Ok(Engine {
             cache: VerdictCache::new(config.verdict_cache_capacity),
             fleet: Arc::new(Fleet::new(
@@ -158,6 +164,7 @@ impl Engine {
             content_budget: Arc::new(Semaphore::new(CONTENT_BUDGET_KIB as usize)),
             stop,
             tenancy: watch::channel(Arc::new(tenancy)).0,
+            stored_contents,
         })
     }
 
@@ -572,6 +579,10 @@ impl Engine {
                     let scope = identity.scope.as_str();
                     let id = self.identities.intern_scoped(scope, &verdict.scanner).id;
                     self.cache.insert(id, verdict.clone());
+                    if let Some(stored) = self.stored_contents.as_ref().filter(|_| scope.is_empty())
+                    {
+                        stored.add(&verdict.sha256);
+                    }
                     // Brokers waiting on our claim read the verdict from the store when we
                     // release it, so it is written first, not behind; without a claim, or
                     // while the store is unreachable, the write-behind queue keeps it.
@@ -623,6 +634,13 @@ impl Engine {
     /// The stored verdict of this identity (within its scope), if the store has one and
     /// answers in time.
     async fn stored(&self, identity: &InternedIdentity, job: &Job) -> Option<Arc<Verdict>> {
+        if identity.scope.is_empty()
+            && let Some(stored) = &self.stored_contents
+            && !stored.may_hold(&job.sha256)
+        {
+            bump(&self.stats.store_lookups_skipped);
+            return None;
+        }
         let found = if identity.scope.is_empty() {
             self.fleet
                 .guarded(self.store.find_verdict(&job.sha256, &identity.identity))

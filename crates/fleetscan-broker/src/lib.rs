@@ -27,6 +27,7 @@ pub mod scan;
 pub mod scheduler;
 pub mod stats;
 mod store_sink;
+pub mod stored;
 pub mod worker;
 pub mod writer;
 
@@ -85,6 +86,11 @@ impl Broker {
         // agents moving here from another replica keep their caches.
         let fleet = engine.store.fleet_state().await?;
         engine.apply_fleet(&fleet);
+        // A SQLite store is this broker's alone: once what it holds is read, a new content's
+        // look-up (which must miss) is skipped.
+        if let Some(filter) = &engine.stored_contents {
+            tokio::spawn(stored::seed(filter.clone(), engine.store.clone()));
+        }
         Ok(Broker {
             engine,
             queue,

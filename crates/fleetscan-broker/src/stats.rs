@@ -8,6 +8,8 @@ pub struct Stats {
     pub decisions: AtomicU64,
     pub cache_hits: AtomicU64,
     pub store_hits: AtomicU64,
+    /// Store look-ups skipped: the content cannot be in a store this broker owns alone.
+    pub store_lookups_skipped: AtomicU64,
     pub scans_started: AtomicU64,
     pub scans_deduplicated: AtomicU64,
     pub denied: AtomicU64,

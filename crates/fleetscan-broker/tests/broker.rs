@@ -24,12 +24,9 @@ fn list_denials() -> v1::ListEventsRequest {
 
 #[tokio::test]
 async fn known_verdict_is_answered_without_a_job() {
-    let broker = TestBroker::start(|_| {}).await;
     // A verdict of the pool's identity is already in the store.
-    broker
-        .store()
-        .await
-        .put_verdict(&Verdict {
+    let broker = TestBroker::start_with_verdicts(
+        &[Verdict {
             sha256: Sha256::of(EICAR),
             scanner: identity("r1"),
             kind: VerdictKind::Malicious,
@@ -37,9 +34,10 @@ async fn known_verdict_is_answered_without_a_job() {
             detail: None,
             scanned_at_unix_ms: now_unix_ms(),
             scan_micros: 5,
-        })
-        .await
-        .unwrap();
+        }],
+        |_| {},
+    )
+    .await;
     let mut worker = broker.worker("w1", &identity("r1")).await;
     worker.credit(4).await;
     let mut agent = broker.agent("node-a").await;
@@ -71,6 +69,95 @@ async fn known_verdict_is_answered_without_a_job() {
     assert_eq!(stats.cache_hits, 1);
     assert_eq!(stats.scans_started, 0);
     assert_eq!(stats.decisions, 2);
+}
+
+/// A SQLite store is its broker's alone: once the broker has read which contents it holds, the
+/// look-up of new content (which must miss) is skipped — and every stored verdict is still
+/// found: one in the store before the start, and one the broker wrote itself, after a restart.
+#[tokio::test]
+async fn a_broker_owning_its_store_skips_look_ups_that_must_miss_and_finds_every_stored_verdict() {
+    let known = Verdict {
+        sha256: Sha256::of(EICAR),
+        scanner: identity("r1"),
+        kind: VerdictKind::Malicious,
+        threat_name: Some("EICAR-Test-File".into()),
+        detail: None,
+        scanned_at_unix_ms: now_unix_ms(),
+        scan_micros: 5,
+    };
+    let mut first = TestBroker::start_with_verdicts(&[known], |_| {}).await;
+    let skipped = |b: &TestBroker| {
+        b.engine
+            .stats
+            .store_lookups_skipped
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let seeded = |b: &TestBroker| {
+        b.engine
+            .stored_contents
+            .as_ref()
+            .expect("a SQLite broker knows its store")
+            .is_seeded()
+    };
+    eventually("the store's contents read", || {
+        let done = seeded(&first);
+        async move { done.then_some(()) }
+    })
+    .await;
+    let mut worker = first.worker("w1", &identity("r1")).await;
+    worker.credit(4).await;
+    let mut agent = first.agent("node-a").await;
+
+    // Stored before the start: found in the store, not scanned (its job would get no answer).
+    let within = Duration::from_secs(3);
+    agent.request(1, EICAR, 5000).await;
+    let d = agent
+        .decision_within(within)
+        .await
+        .expect("decided from the store");
+    assert_eq!(d.action(), v1::Action::Deny);
+    assert_eq!(first.stats().await.store_hits, 1);
+    assert_eq!(skipped(&first), 0);
+
+    // New: no look-up, scanned.
+    let fresh = b"content this store has never held".to_vec();
+    agent.request(2, &fresh, 5000).await;
+    // The agent uploads the content while it waits for the decision.
+    let decided = tokio::spawn(async move { agent.decision().await });
+    let job = worker.job().await;
+    worker
+        .answer(job.job.job_id, v1::VerdictResult::Clean, "")
+        .await;
+    assert_eq!(decided.await.unwrap().action(), v1::Action::Allow);
+    assert_eq!(skipped(&first), 1);
+    drop(worker);
+    first.shutdown().await;
+
+    // The next broker on the same file, with no worker: both answers come from the store.
+    let store_url = first.store_url.clone();
+    let second = TestBroker::start(|c| c.store_url = store_url).await;
+    eventually("the store's contents read", || {
+        let done = seeded(&second);
+        async move { done.then_some(()) }
+    })
+    .await;
+    let _worker = second.worker("w1", &identity("r1")).await;
+    let mut agent = second.agent("node-a").await;
+    // (Not found, they would wait for a worker that grants no credit: no decision in time.)
+    agent.request(1, &fresh, 5000).await;
+    let d = agent
+        .decision_within(within)
+        .await
+        .expect("decided from the store");
+    assert_eq!(d.action(), v1::Action::Allow, "{}", d.reason);
+    agent.request(2, EICAR, 5000).await;
+    let d = agent
+        .decision_within(within)
+        .await
+        .expect("decided from the store");
+    assert_eq!(d.action(), v1::Action::Deny);
+    assert_eq!(second.stats().await.store_hits, 2);
+    assert_eq!(skipped(&second), 0);
 }
 
 #[tokio::test]

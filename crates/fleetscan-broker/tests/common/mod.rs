@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use fleetscan_broker::{Broker, BrokerConfig, BrokerError};
-use fleetscan_core::{ScannerIdentity, Sha256};
+use fleetscan_core::{ScannerIdentity, Sha256, Verdict};
 use fleetscan_proto::v1::admin_service_client::AdminServiceClient;
 use fleetscan_proto::v1::agent_service_client::AgentServiceClient;
 use fleetscan_proto::v1::scan_service_client::ScanServiceClient;
@@ -43,6 +43,15 @@ pub struct TestBroker {
 
 impl TestBroker {
     pub async fn start(configure: impl FnOnce(&mut BrokerConfig)) -> TestBroker {
+        TestBroker::start_with_verdicts(&[], configure).await
+    }
+
+    /// A broker whose SQLite store holds `verdicts` before it starts: a SQLite store is its
+    /// broker's alone, so nothing else writes to it while the broker runs.
+    pub async fn start_with_verdicts(
+        verdicts: &[Verdict],
+        configure: impl FnOnce(&mut BrokerConfig),
+    ) -> TestBroker {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -59,6 +68,10 @@ impl TestBroker {
         };
         configure(&mut config);
         let store_url = config.store_url.clone();
+        if !verdicts.is_empty() {
+            let store = Store::connect(&store_url).await.expect("store");
+            store.put_verdicts(verdicts).await.expect("verdicts stored");
+        }
         let broker = Broker::new(config).await.expect("broker starts");
         let engine = broker.engine();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
