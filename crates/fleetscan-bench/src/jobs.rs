@@ -90,6 +90,10 @@ struct Row {
     p50: Duration,
     p99: Duration,
     failed: usize,
+    /// Part of `wall`: after the last call, until the broker had written the row's verdicts.
+    drain: Duration,
+    /// Records the broker's write-behind queue gave up on during the row.
+    lost: u64,
 }
 
 /// What one client measured.
@@ -166,6 +170,7 @@ async fn jobs_async(a: &JobsArgs) -> anyhow::Result<()> {
     }
 
     let seconds = Duration::from_secs(a.seconds.max(1));
+    let lost = engine.writer.records_lost();
     let small = drive(
         &url,
         format!(
@@ -179,6 +184,8 @@ async fn jobs_async(a: &JobsArgs) -> anyhow::Result<()> {
         0,
     )
     .await?;
+    let small = settle(&engine, small, lost).await;
+    let lost = engine.writer.records_lost();
     let large = drive(
         &url,
         format!(
@@ -193,6 +200,8 @@ async fn jobs_async(a: &JobsArgs) -> anyhow::Result<()> {
         1,
     )
     .await?;
+    let large = settle(&engine, large, lost).await;
+    let lost = engine.writer.records_lost();
     let fed = drive_engine(
         &engine,
         format!(
@@ -205,7 +214,12 @@ async fn jobs_async(a: &JobsArgs) -> anyhow::Result<()> {
         2,
     )
     .await?;
+    let fed = settle(&engine, fed, lost).await;
     let stats = fleetscan_testkit::stats(&url).await;
+    let lookups_skipped = engine
+        .stats
+        .store_lookups_skipped
+        .load(std::sync::atomic::Ordering::Relaxed);
 
     stop.send_replace(true);
     for w in worker_tasks {
@@ -234,8 +248,8 @@ async fn jobs_async(a: &JobsArgs) -> anyhow::Result<()> {
         seconds.as_secs()
     );
     println!(
-        "{:<42} {:>10} {:>10} {:>11} {:>11} {:>7} {:>11} {:>6}",
-        "row", "jobs/s", "MiB/s", "p50", "p99", "failed", "CPU/job", "cores"
+        "{:<42} {:>10} {:>10} {:>11} {:>11} {:>7} {:>6} {:>9} {:>11} {:>6}",
+        "row", "jobs/s", "MiB/s", "p50", "p99", "failed", "lost", "drain", "CPU/job", "cores"
     );
     for r in [&small, &large, &fed] {
         let secs = r.wall.as_secs_f64();
@@ -247,27 +261,36 @@ async fn jobs_async(a: &JobsArgs) -> anyhow::Result<()> {
             _ => ("-".to_owned(), "-".to_owned()),
         };
         println!(
-            "{:<42} {:>10.0} {:>10.1} {:>11} {:>11} {:>7} {:>11} {:>6}",
+            "{:<42} {:>10.0} {:>10.1} {:>11} {:>11} {:>7} {:>6} {:>9} {:>11} {:>6}",
             r.name,
             r.jobs as f64 / secs,
             r.bytes as f64 / secs / (1024.0 * 1024.0),
             fmt_dur(r.p50),
             fmt_dur(r.p99),
             r.failed,
+            r.lost,
+            fmt_dur(r.drain),
             per_job,
             cores
         );
     }
     println!(
-        "broker: {} scans started, {} deduplicated, {} verdicts stored, {} waiting to be written, \
-         {} lost, {} scan errors, {} refused (queue full)",
+        "broker: {} scans started, {} deduplicated, {} store look-ups skipped (content it cannot \
+         hold), {} verdicts stored, {} waiting to be written, {} lost, {} scan errors, {} refused \
+         (queue full)",
         stats.scans_started,
         stats.scans_deduplicated,
+        lookups_skipped,
         stats.verdicts_stored,
         stats.write_backlog,
         stats.records_lost,
         stats.scan_errors,
         stats.queue_rejected
+    );
+    println!(
+        "a row ends when the broker has written its verdicts: jobs/s and CPU/job include the \
+         drain (the wait after the last call until the write-behind queue was empty), lost \
+         counts records the queue gave up on (it was full)"
     );
     println!(
         "CPU/job and cores: CPU time of the whole process (clients, broker, workers, store) per \
@@ -444,7 +467,40 @@ async fn collect(
         p50: pct(0.50),
         p99: pct(0.99),
         failed,
+        drain: Duration::ZERO,
+        lost: 0,
     })
+}
+
+/// The longest a row waits for the broker to write its verdicts.
+const DRAIN_LIMIT: Duration = Duration::from_secs(300);
+
+/// Waits until the broker has written every record of the row (its write-behind backlog is
+/// empty) and charges the wait to the row, wall time and CPU: a row's rate is what the broker
+/// sustains with its store, not what it takes in while writes pile up. Records lost since
+/// `lost_before` are the row's.
+async fn settle(engine: &fleetscan_broker::engine::Engine, mut row: Row, lost_before: u64) -> Row {
+    let cpu_before = process_cpu();
+    let start = Instant::now();
+    while engine.writer.backlog() > 0 && start.elapsed() < DRAIN_LIMIT {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    if engine.writer.backlog() > 0 {
+        eprintln!(
+            "{}: {} records still unwritten after {} s",
+            row.name,
+            engine.writer.backlog(),
+            DRAIN_LIMIT.as_secs()
+        );
+    }
+    row.drain = start.elapsed();
+    row.wall += row.drain;
+    row.cpu = row
+        .cpu
+        .zip(process_cpu().zip(cpu_before))
+        .map(|(cpu, (after, before))| cpu + after.saturating_sub(before));
+    row.lost = engine.writer.records_lost() - lost_before;
+    row
 }
 
 /// CPU time (user and system) of this whole process so far, from `/proc/self/stat`; None where
