@@ -467,6 +467,20 @@ impl Engine {
             }
             resolution => resolution,
         };
+        // The filter of what a SQLite store holds knows only this broker's writes. When the scan
+        // could not decide, the look-up it skipped is made after all: a verdict that something
+        // else stored (another writer to the file) beats the fail mode.
+        let resolution = match resolution {
+            r @ (Resolution::Failed(_) | Resolution::Oversize(_))
+                if identity.scope.is_empty() && self.stored_contents.is_some() =>
+            {
+                match self.find_stored(&identity, &job).await {
+                    Some(v) => Resolution::Verdict(v),
+                    None => r,
+                }
+            }
+            resolution => resolution,
+        };
         leader.complete(resolution);
     }
 
@@ -641,6 +655,11 @@ impl Engine {
             bump(&self.stats.store_lookups_skipped);
             return None;
         }
+        self.find_stored(identity, job).await
+    }
+
+    /// [`Engine::stored`] without the filter of what the store holds.
+    async fn find_stored(&self, identity: &InternedIdentity, job: &Job) -> Option<Arc<Verdict>> {
         let found = if identity.scope.is_empty() {
             self.fleet
                 .guarded(self.store.find_verdict(&job.sha256, &identity.identity))

@@ -133,9 +133,15 @@ async fn a_broker_owning_its_store_skips_look_ups_that_must_miss_and_finds_every
     drop(worker);
     first.shutdown().await;
 
-    // The next broker on the same file, with no worker: both answers come from the store.
+    // The next broker on the same file: both answers come from the store, with no look-up
+    // skipped. (Not found, they would wait for a worker that grants no credit until the scan
+    // deadline.)
     let store_url = first.store_url.clone();
-    let second = TestBroker::start(|c| c.store_url = store_url).await;
+    let second = TestBroker::start(|c| {
+        c.store_url = store_url;
+        c.scan_deadline = Duration::from_millis(500);
+    })
+    .await;
     eventually("the store's contents read", || {
         let done = seeded(&second);
         async move { done.then_some(()) }
@@ -143,7 +149,6 @@ async fn a_broker_owning_its_store_skips_look_ups_that_must_miss_and_finds_every
     .await;
     let _worker = second.worker("w1", &identity("r1")).await;
     let mut agent = second.agent("node-a").await;
-    // (Not found, they would wait for a worker that grants no credit: no decision in time.)
     agent.request(1, &fresh, 5000).await;
     let d = agent
         .decision_within(within)
@@ -158,6 +163,34 @@ async fn a_broker_owning_its_store_skips_look_ups_that_must_miss_and_finds_every
     assert_eq!(d.action(), v1::Action::Deny);
     assert_eq!(second.stats().await.store_hits, 2);
     assert_eq!(skipped(&second), 0);
+
+    // A verdict stored behind the broker's back (which a SQLite store's broker does not
+    // expect): its look-up is skipped, but when the scan cannot decide (no credit, deadline) the
+    // stored verdict decides, not the fail mode.
+    let behind = b"stored by another writer".to_vec();
+    second
+        .store()
+        .await
+        .put_verdict(&Verdict {
+            sha256: Sha256::of(&behind),
+            scanner: identity("r1"),
+            kind: VerdictKind::Malicious,
+            threat_name: Some("Behind-The-Back".into()),
+            detail: None,
+            scanned_at_unix_ms: now_unix_ms(),
+            scan_micros: 5,
+        })
+        .await
+        .unwrap();
+    agent.request(3, &behind, 5000).await;
+    let d = agent
+        .decision_within(within)
+        .await
+        .expect("decided from the store after the failed scan");
+    assert_eq!(d.action(), v1::Action::Deny, "{}", d.reason);
+    assert!(d.reason.contains("Behind-The-Back"), "{}", d.reason);
+    assert_eq!(skipped(&second), 1);
+    assert_eq!(second.stats().await.store_hits, 3);
 }
 
 #[tokio::test]
