@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bytes::{Bytes, BytesMut};
 use clap::Args;
+use fleetscan_broker::writer::LINGER;
 use fleetscan_broker::{Broker, BrokerConfig};
 use fleetscan_core::ScannerIdentity;
 use fleetscan_proto::MAX_MESSAGE_SIZE;
@@ -482,7 +483,15 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(300);
 async fn settle(engine: &fleetscan_broker::engine::Engine, mut row: Row, lost_before: u64) -> Row {
     let cpu_before = process_cpu();
     let start = Instant::now();
-    while engine.writer.backlog() > 0 && start.elapsed() < DRAIN_LIMIT {
+    // The writer takes a record off the queue a moment before it counts it in its batch: an
+    // empty backlog counts only when it is still empty a linger later.
+    let mut empty_since: Option<Instant> = None;
+    while start.elapsed() < DRAIN_LIMIT {
+        if engine.writer.backlog() > 0 {
+            empty_since = None;
+        } else if empty_since.get_or_insert_with(Instant::now).elapsed() > LINGER {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     if engine.writer.backlog() > 0 {
