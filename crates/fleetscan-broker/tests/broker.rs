@@ -22,22 +22,33 @@ fn list_denials() -> v1::ListEventsRequest {
     }
 }
 
+/// A malicious verdict of the pool's identity ("r1") on `content`.
+fn malicious(content: &[u8], threat: &str) -> Verdict {
+    Verdict {
+        sha256: Sha256::of(content),
+        scanner: identity("r1"),
+        kind: VerdictKind::Malicious,
+        threat_name: Some(threat.into()),
+        detail: None,
+        scanned_at_unix_ms: now_unix_ms(),
+        scan_micros: 5,
+    }
+}
+
+/// The decision of a request the broker can answer only from its store: without a verdict
+/// there its job would get no answer in time.
+async fn decided_from_store(agent: &mut common::ScriptedAgent) -> v1::Decision {
+    agent
+        .decision_within(Duration::from_secs(3))
+        .await
+        .expect("decided from the store")
+}
+
 #[tokio::test]
 async fn known_verdict_is_answered_without_a_job() {
     // A verdict of the pool's identity is already in the store.
-    let broker = TestBroker::start_with_verdicts(
-        &[Verdict {
-            sha256: Sha256::of(EICAR),
-            scanner: identity("r1"),
-            kind: VerdictKind::Malicious,
-            threat_name: Some("EICAR-Test-File".into()),
-            detail: None,
-            scanned_at_unix_ms: now_unix_ms(),
-            scan_micros: 5,
-        }],
-        |_| {},
-    )
-    .await;
+    let broker =
+        TestBroker::start_with_verdicts(&[malicious(EICAR, "EICAR-Test-File")], |_| {}).await;
     let mut worker = broker.worker("w1", &identity("r1")).await;
     worker.credit(4).await;
     let mut agent = broker.agent("node-a").await;
@@ -76,45 +87,22 @@ async fn known_verdict_is_answered_without_a_job() {
 /// found: one in the store before the start, and one the broker wrote itself, after a restart.
 #[tokio::test]
 async fn a_broker_owning_its_store_skips_look_ups_that_must_miss_and_finds_every_stored_verdict() {
-    let known = Verdict {
-        sha256: Sha256::of(EICAR),
-        scanner: identity("r1"),
-        kind: VerdictKind::Malicious,
-        threat_name: Some("EICAR-Test-File".into()),
-        detail: None,
-        scanned_at_unix_ms: now_unix_ms(),
-        scan_micros: 5,
-    };
-    let mut first = TestBroker::start_with_verdicts(&[known], |_| {}).await;
+    let mut first =
+        TestBroker::start_with_verdicts(&[malicious(EICAR, "EICAR-Test-File")], |_| {}).await;
     let skipped = |b: &TestBroker| {
         b.engine
             .stats
             .store_lookups_skipped
             .load(std::sync::atomic::Ordering::Relaxed)
     };
-    let seeded = |b: &TestBroker| {
-        b.engine
-            .stored_contents
-            .as_ref()
-            .expect("a SQLite broker knows its store")
-            .is_seeded()
-    };
-    eventually("the store's contents read", || {
-        let done = seeded(&first);
-        async move { done.then_some(()) }
-    })
-    .await;
+    first.wait_until_store_contents_known().await;
     let mut worker = first.worker("w1", &identity("r1")).await;
     worker.credit(4).await;
     let mut agent = first.agent("node-a").await;
 
     // Stored before the start: found in the store, not scanned (its job would get no answer).
-    let within = Duration::from_secs(3);
     agent.request(1, EICAR, 5000).await;
-    let d = agent
-        .decision_within(within)
-        .await
-        .expect("decided from the store");
+    let d = decided_from_store(&mut agent).await;
     assert_eq!(d.action(), v1::Action::Deny);
     assert_eq!(first.stats().await.store_hits, 1);
     assert_eq!(skipped(&first), 0);
@@ -142,24 +130,14 @@ async fn a_broker_owning_its_store_skips_look_ups_that_must_miss_and_finds_every
         c.scan_deadline = Duration::from_millis(500);
     })
     .await;
-    eventually("the store's contents read", || {
-        let done = seeded(&second);
-        async move { done.then_some(()) }
-    })
-    .await;
+    second.wait_until_store_contents_known().await;
     let _worker = second.worker("w1", &identity("r1")).await;
     let mut agent = second.agent("node-a").await;
     agent.request(1, &fresh, 5000).await;
-    let d = agent
-        .decision_within(within)
-        .await
-        .expect("decided from the store");
+    let d = decided_from_store(&mut agent).await;
     assert_eq!(d.action(), v1::Action::Allow, "{}", d.reason);
     agent.request(2, EICAR, 5000).await;
-    let d = agent
-        .decision_within(within)
-        .await
-        .expect("decided from the store");
+    let d = decided_from_store(&mut agent).await;
     assert_eq!(d.action(), v1::Action::Deny);
     assert_eq!(second.stats().await.store_hits, 2);
     assert_eq!(skipped(&second), 0);
@@ -171,22 +149,11 @@ async fn a_broker_owning_its_store_skips_look_ups_that_must_miss_and_finds_every
     second
         .store()
         .await
-        .put_verdict(&Verdict {
-            sha256: Sha256::of(&behind),
-            scanner: identity("r1"),
-            kind: VerdictKind::Malicious,
-            threat_name: Some("Behind-The-Back".into()),
-            detail: None,
-            scanned_at_unix_ms: now_unix_ms(),
-            scan_micros: 5,
-        })
+        .put_verdict(&malicious(&behind, "Behind-The-Back"))
         .await
         .unwrap();
     agent.request(3, &behind, 5000).await;
-    let d = agent
-        .decision_within(within)
-        .await
-        .expect("decided from the store after the failed scan");
+    let d = decided_from_store(&mut agent).await;
     assert_eq!(d.action(), v1::Action::Deny, "{}", d.reason);
     assert!(d.reason.contains("Behind-The-Back"), "{}", d.reason);
     assert_eq!(skipped(&second), 1);
@@ -232,7 +199,7 @@ async fn unknown_content_is_uploaded_scanned_decided_and_recorded() {
     assert_eq!(d.verdicts[0].threat_name, "EICAR-Test-File");
 
     // The denial and the verdict are persisted behind the decision.
-    let mut admin = broker.admin().await;
+    let admin = broker.admin().await;
     let event = eventually("the denial in ListEvents", || {
         let mut admin = admin.clone();
         async move {
@@ -268,12 +235,7 @@ async fn unknown_content_is_uploaded_scanned_decided_and_recorded() {
     .await;
     assert_eq!(verdicts[0].result(), v1::VerdictResult::Malicious);
     assert_eq!(verdicts[0].scanner.as_ref().unwrap().ruleset_version, "r1");
-    let workers = admin
-        .list_workers(v1::ListWorkersRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .workers;
+    let workers = broker.workers().await;
     assert_eq!(workers.len(), 1);
     assert_eq!(workers[0].jobs_done, 1);
     assert_eq!(

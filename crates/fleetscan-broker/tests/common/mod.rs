@@ -178,22 +178,38 @@ impl TestBroker {
     /// Waits (within `WAIT`) until the broker lists a worker with credit: the one named
     /// `name`, or any.
     pub async fn wait_for_worker(&self, name: Option<&str>) -> v1::Worker {
-        let admin = self.admin().await;
-        eventually("a worker to ask for work", || {
-            let mut admin = admin.clone();
-            async move {
-                let workers = admin
-                    .list_workers(v1::ListWorkersRequest {})
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .workers;
-                workers
-                    .into_iter()
-                    .find(|w| name.is_none_or(|n| w.worker_name == n) && w.credits > 0)
-            }
+        eventually("a worker to ask for work", || async move {
+            self.workers()
+                .await
+                .into_iter()
+                .find(|w| name.is_none_or(|n| w.worker_name == n) && w.credits > 0)
         })
         .await
+    }
+
+    /// The workers the broker lists now (admin `ListWorkers`).
+    pub async fn workers(&self) -> Vec<v1::Worker> {
+        self.admin()
+            .await
+            .list_workers(v1::ListWorkersRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .workers
+    }
+
+    /// Waits (within `WAIT`) until the broker has read which contents its SQLite store holds.
+    pub async fn wait_until_store_contents_known(&self) {
+        let filter = self
+            .engine
+            .stored_contents
+            .clone()
+            .expect("a SQLite broker knows its store");
+        eventually("the store's contents read", || {
+            let done = filter.is_seeded();
+            async move { done.then_some(()) }
+        })
+        .await;
     }
 
     /// A worker of `pool` for `tenants`; the broker's refusal as an error.
