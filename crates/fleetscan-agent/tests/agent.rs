@@ -10,7 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use fleetscan_agent::AgentTuning;
+use fleetscan_agent::{AgentConfig, AgentTuning};
 use fleetscan_core::{FailMode, Sha256};
 use fleetscan_fanotify::testing::BindMount;
 use fleetscan_proto::v1;
@@ -18,6 +18,16 @@ use fleetscan_proto::v1::broker_message::Msg as BrokerMsg;
 use support::*;
 
 const SETTLE: Duration = Duration::from_secs(5);
+
+/// The usual agent of these tests: one broker, fail-closed, a 4 s deadline.
+fn closed_config(env: &Env, broker: &FakeBroker) -> AgentConfig {
+    config(
+        env,
+        vec![broker.url()],
+        FailMode::Closed,
+        Duration::from_secs(4),
+    )
+}
 
 async fn connected(r: &Running, n: u64) {
     wait_for("broker session", SETTLE, || {
@@ -32,12 +42,7 @@ async fn connected(r: &Running, n: u64) {
 async fn own_opens_never_wait() {
     let env = env();
     let broker = FakeBroker::start(Mode::Hang, policy(FailMode::Closed, 5000));
-    let agent = run(config(
-        &env,
-        vec![broker.url()],
-        FailMode::Closed,
-        Duration::from_secs(4),
-    ));
+    let agent = run(closed_config(&env, &broker));
     connected(&agent, 1).await;
     let file = env.protected.join("mine.txt");
     let start = Instant::now();
@@ -177,12 +182,7 @@ async fn no_broker_answers_at_once_and_reports_later() {
 async fn unprotected_files_are_not_stalled_by_a_hung_broker() {
     let env = env();
     let broker = FakeBroker::start(Mode::Hang, policy(FailMode::Closed, 5000));
-    let agent = run(config(
-        &env,
-        vec![broker.url()],
-        FailMode::Closed,
-        Duration::from_secs(4),
-    ));
+    let agent = run(closed_config(&env, &broker));
     connected(&agent, 1).await;
     let sibling = env.tmp.path().join("protected2");
     fs::create_dir(&sibling).unwrap();
@@ -252,12 +252,7 @@ async fn bind_mount_is_protected_and_denials_are_cached_and_reported() {
 async fn cache_is_keyed_by_file_version_and_generation() {
     let env = env();
     let broker = FakeBroker::start(Mode::Clean, policy(FailMode::Closed, 5000));
-    let mut cfg = config(
-        &env,
-        vec![broker.url()],
-        FailMode::Closed,
-        Duration::from_secs(4),
-    );
+    let mut cfg = closed_config(&env, &broker);
     cfg.ignore_marks = false;
     let agent = run(cfg);
     connected(&agent, 1).await;
@@ -312,12 +307,7 @@ async fn cache_is_keyed_by_file_version_and_generation() {
 async fn ignore_mark_makes_the_second_open_free() {
     let env = env();
     let broker = FakeBroker::start(Mode::Clean, policy(FailMode::Closed, 5000));
-    let agent = run(config(
-        &env,
-        vec![broker.url()],
-        FailMode::Closed,
-        Duration::from_secs(4),
-    ));
+    let agent = run(closed_config(&env, &broker));
     connected(&agent, 1).await;
     let file = env.protected.join("lib.so");
     fs::write(&file, b"clean bytes").unwrap();
@@ -401,12 +391,7 @@ fn push_set(broker: &FakeBroker, set: v1::PolicySet) {
 async fn a_new_policy_set_drops_marks_and_several_policies_place_none() {
     let env = env();
     let broker = FakeBroker::start(Mode::Clean, policy(FailMode::Closed, 5000));
-    let agent = run(config(
-        &env,
-        vec![broker.url()],
-        FailMode::Closed,
-        Duration::from_secs(4),
-    ));
+    let agent = run(closed_config(&env, &broker));
     connected(&agent, 1).await;
     let file = env.protected.join("tool");
     fs::write(&file, b"clean tool").unwrap();
@@ -530,12 +515,7 @@ async fn reconnects_over_the_broker_list() {
 async fn content_is_uploaded_in_chunks_on_request() {
     let env = env();
     let broker = FakeBroker::start(Mode::AskContent, policy(FailMode::Closed, 5000));
-    let agent = run(config(
-        &env,
-        vec![broker.url()],
-        FailMode::Closed,
-        Duration::from_secs(4),
-    ));
+    let agent = run(closed_config(&env, &broker));
     connected(&agent, 1).await;
     let data: Vec<u8> = (0..(2 * fleetscan_proto::CHUNK_SIZE + 12345))
         .map(|i| (i % 253) as u8)
@@ -600,12 +580,7 @@ async fn oversize_is_decided_locally() {
 async fn exec_is_reported_as_exec() {
     let env = env();
     let broker = FakeBroker::start(Mode::Clean, policy(FailMode::Closed, 5000));
-    let agent = run(config(
-        &env,
-        vec![broker.url()],
-        FailMode::Closed,
-        Duration::from_secs(4),
-    ));
+    let agent = run(closed_config(&env, &broker));
     connected(&agent, 1).await;
     let prog = env.protected.join("true");
     fs::copy("/bin/true", &prog).unwrap();
@@ -663,12 +638,7 @@ async fn pending_bound_answers_the_excess_at_once() {
 async fn shutdown_allows_everything_pending() {
     let env = env();
     let broker = FakeBroker::start(Mode::Hang, policy(FailMode::Closed, 5000));
-    let agent = run(config(
-        &env,
-        vec![broker.url()],
-        FailMode::Closed,
-        Duration::from_secs(4),
-    ));
+    let agent = run(closed_config(&env, &broker));
     connected(&agent, 1).await;
     let file = env.protected.join("f.txt");
     fs::write(&file, b"f").unwrap();
@@ -753,12 +723,7 @@ fn deadline_holds_while_the_runtime_is_stuck() {
 async fn opener_in_another_mount_namespace() {
     let env = env();
     let broker = FakeBroker::start(Mode::Malicious, policy(FailMode::Closed, 5000));
-    let agent = run(config(
-        &env,
-        vec![broker.url()],
-        FailMode::Closed,
-        Duration::from_secs(4),
-    ));
+    let agent = run(closed_config(&env, &broker));
     connected(&agent, 1).await;
     fs::write(env.protected.join("evil.txt"), b"evil").unwrap();
     fs::write(env.other.join("free.txt"), b"free").unwrap();
