@@ -423,9 +423,7 @@ async fn a_rule_set_change_flushes_agents_and_old_verdicts_are_not_reused() {
         let d = agent.decision().await;
         (agent, d)
     });
-    let job = old.job().await;
-    old.answer(job.job.job_id, v1::VerdictResult::Clean, "")
-        .await;
+    old.answer_next(v1::VerdictResult::Clean, "").await;
     let (mut agent, d) = decided.await.unwrap();
     assert_eq!(d.action(), v1::Action::Allow);
     old.crash();
@@ -515,9 +513,7 @@ async fn during_a_rolling_upgrade_only_workers_with_the_new_rules_get_jobs() {
             let d = agent.decision().await;
             (agent, d)
         });
-        let job = new.job().await;
-        new.answer(job.job.job_id, v1::VerdictResult::Clean, "")
-            .await;
+        new.answer_next(v1::VerdictResult::Clean, "").await;
         let (back, decided) = waiting.await.unwrap();
         agent = back;
         assert_eq!(decided.action(), v1::Action::Allow, "{}", decided.reason);

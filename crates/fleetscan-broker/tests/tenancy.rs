@@ -518,9 +518,7 @@ async fn a_shared_pools_verdicts_are_shared_and_any_malicious_verdict_denies() {
         .await;
     let decided = decision(agent);
     // acme's own pool first, then the shared one (the order of acme's pools).
-    let job = acme.job().await;
-    acme.answer(job.job.job_id, v1::VerdictResult::Clean, "")
-        .await;
+    acme.answer_next(v1::VerdictResult::Clean, "").await;
     let job = av.job().await;
     assert_eq!(job.job.tenant, "acme");
     av.answer(job.job.job_id, v1::VerdictResult::Malicious, "AV-Hit")
@@ -547,12 +545,8 @@ async fn a_shared_pools_verdicts_are_shared_and_any_malicious_verdict_denies() {
         .request_from(3, b"fine", v1::AccessKind::Open, "shop", "")
         .await;
     let decided = decision(agent);
-    let job = acme.job().await;
-    acme.answer(job.job.job_id, v1::VerdictResult::Clean, "")
-        .await;
-    let job = av.job().await;
-    av.answer(job.job.job_id, v1::VerdictResult::Clean, "")
-        .await;
+    acme.answer_next(v1::VerdictResult::Clean, "").await;
+    av.answer_next(v1::VerdictResult::Clean, "").await;
     let (mut agent, d) = decided.await.unwrap();
     assert_eq!(d.action(), v1::Action::Allow, "{}", d.reason);
     agent

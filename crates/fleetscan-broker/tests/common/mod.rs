@@ -591,6 +591,13 @@ impl ScriptedWorker {
             .expect("a job within the test's wait")
     }
 
+    /// Takes the next job (within `WAIT`) and answers it.
+    pub async fn answer_next(&mut self, result: v1::VerdictResult, threat: &str) -> ReceivedJob {
+        let job = self.job().await;
+        self.answer(job.job.job_id, result, threat).await;
+        job
+    }
+
     pub async fn answer(&self, job_id: u64, result: v1::VerdictResult, threat: &str) {
         self.send(worker_message::Msg::Result(v1::ScanResult {
             job_id,
