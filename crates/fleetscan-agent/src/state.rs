@@ -441,29 +441,47 @@ impl Shared {
     /// Places an ignore mark through `file` if its identity is still `key`.
     ///
     /// The kernel clears an ignore mask on the first modify event *after* the mark is there; a
-    /// write that finished before it is only seen in the identity. So: under a read lease (no
-    /// writer has the file open, none can open it until the lease is dropped, so no write is
-    /// under way and the file has no writable mapping), place the mark, then compare the
-    /// identity with `key` (ctime and mtime to the nanosecond: on this kernel's multigrain
-    /// filesystems a change after our statx always gets a new ctime) and take the mark back
-    /// when they differ. A file open for writing gets no mark: it is about to change.
+    /// write that finished before it is only seen in the identity. So the mark goes on only
+    /// under a read lease (no writer has the file open, none can open it until the lease is
+    /// dropped, so no write is under way and the file has no writable mapping) and only when
+    /// the identity, taken under that lease, is still `key` (ctime and mtime to the
+    /// nanosecond: on this kernel's multigrain filesystems a change after our statx always
+    /// gets a new ctime). The check comes *before* the mark: a write may have come and gone
+    /// since the content was judged (a cache hit's answer lets the writer go on at once, and
+    /// a decision can arrive after the file changed), and a mark placed on the new version
+    /// even for a moment hides every open made in that moment. The identity is compared again
+    /// after: a lease the kernel revoked (lease-break-time) would have let a writer in.
+    ///
+    /// No lease, no mark: a file open for writing is about to change, and a filesystem
+    /// without leases (network filesystems) cannot keep a writer out, nor report a remote
+    /// write as a modify event.
     pub fn place_ignore_mark(&self, file: &File, key: &FileKey) {
-        let lease = ReadLease::try_acquire(file.as_fd());
-        if let LeaseOutcome::Writers = lease {
-            debug!("file open for writing, no ignore mark");
+        let lease = match ReadLease::try_acquire(file.as_fd()) {
+            LeaseOutcome::Held(l) => l,
+            LeaseOutcome::Writers => {
+                debug!("file open for writing, no ignore mark");
+                return;
+            }
+            LeaseOutcome::Unsupported(e) => {
+                debug!(error = %e, "no read lease on this filesystem, no ignore mark");
+                return;
+            }
+        };
+        let same = || {
+            fleetscan_fanotify::statx_fd(file.as_fd()).is_ok_and(|st| FileKey::from(&st) == *key)
+        };
+        if !same() {
+            debug!("file changed since it was judged, no ignore mark");
             return;
         }
         if let Err(e) = self.group.add_ignore_mark(file.as_fd(), PERMISSION_MASK) {
             debug!(error = %e, "ignore mark not placed");
             return;
         }
-        match fleetscan_fanotify::statx_fd(file.as_fd()) {
-            Ok(st) if FileKey::from(&st) == *key => bump(&self.counters.ignore_marks),
-            _ => {
-                if let Err(e) = self.group.remove_ignore_mark(file.as_fd(), PERMISSION_MASK) {
-                    warn!(error = %e, "removing a stale ignore mark failed");
-                }
-            }
+        if same() {
+            bump(&self.counters.ignore_marks);
+        } else if let Err(e) = self.group.remove_ignore_mark(file.as_fd(), PERMISSION_MASK) {
+            warn!(error = %e, "removing a stale ignore mark failed");
         }
         drop(lease);
     }

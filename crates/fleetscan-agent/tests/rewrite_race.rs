@@ -35,27 +35,30 @@ end=$((SECONDS + secs))
 i=0
 while (( SECONDS < end )); do
   v=$((i % 5))
-  # A new file each time: an open for writing of a file already denied is denied too.
+  # A new file each time: an open for writing of a file already denied is denied too. The
+  # old ones go now and then, so that the test's tmpfs never fills up.
+  (( i % 200 == 199 )) && rm -f "$dir"/w*
   f=$dir/w$i
   printf '%s' "$i" > "$src/current"
   case $v in
     0) : > "$f" ;;
     4) dd if="$src/clean_big" of="$f" bs=1M status=none ;;
     *) printf '%s' "$CLEAN" > "$f" ;;
-  esac
+  esac || echo "WRITE-FAILED $v $f"
   # Judged clean: allowed, then cached and marked while this shell goes on.
   true < "$f" 2>/dev/null || echo "CLEAN-DENIED $v $f"
+  # A rewrite that failed would leave clean content to be allowed: it must not pass unseen.
   case $v in
     0|1) printf '%s' "$EVIL" > "$f" ;;
     2) printf '%s' "$EVIL" 1<> "$f" ;;
     3) exec 3<> "$f"
        true < "$f" 2>/dev/null || echo "CLEAN-DENIED $v $f"
-       printf '%s' "$EVIL" >&3
+       printf '%s' "$EVIL" >&3 || echo "WRITE-FAILED $v $f"
        true < "$f" 2>/dev/null && echo "ALLOWED $v-open $f"
        exec 3>&- ;;
     4) dd if="$src/evil_big" of="$f" bs=1M conv=notrunc status=none ;;
-  esac
-  true < "$f" 2>/dev/null && echo "ALLOWED $v $f"
+  esac || echo "WRITE-FAILED $v $f"
+  true < "$f" 2>/dev/null && echo "ALLOWED $v $f $(stat -c %i "$f")"
   i=$((i + 1))
 done
 echo "DONE $i"
@@ -162,6 +165,16 @@ async fn a_clean_file_rewritten_with_malware_is_never_let_through() {
     eprintln!(
         "rewrite race: {iterations} iterations, {} allowed, {clean_denied} clean opens denied, {stats:?}",
         allowed.len()
+    );
+    let write_failed: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("WRITE-FAILED"))
+        .collect();
+    assert!(
+        write_failed.is_empty(),
+        "the writer could not write ({} times): {:?}",
+        write_failed.len(),
+        &write_failed[..write_failed.len().min(5)]
     );
     assert!(
         allowed.is_empty(),
