@@ -8,7 +8,9 @@
 //! of `open(2)` for each pass. It needs root (fanotify, mounts).
 //!
 //! `fleetscan bench jobs` drives `ScanService.ScanBytes` through an in-process broker and
-//! workers with a null scanner, and prints jobs/s, MiB/s and latency (see [`jobs`]).
+//! workers with a null scanner, then hands contents to the broker's engine directly (broker ->
+//! worker -> broker alone), small and large, and prints jobs/s, MiB/s and latency (see
+//! [`jobs`]).
 //!
 //! `fleetscan bench broker` drives a real broker process with synthetic agent sessions asking
 //! about already-judged content, and prints decisions/s, decisions per broker CPU-second and
