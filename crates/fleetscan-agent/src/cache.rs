@@ -27,6 +27,22 @@ pub(crate) struct FileKey {
     pub size: u64,
 }
 
+#[cfg(test)]
+impl FileKey {
+    /// One file's identity, one version per `ctime_nsec`.
+    pub(crate) fn test(ctime_nsec: u32) -> FileKey {
+        FileKey {
+            dev: 1,
+            ino: 2,
+            ctime_sec: 3,
+            ctime_nsec,
+            mtime_sec: 3,
+            mtime_nsec: 0,
+            size: 4,
+        }
+    }
+}
+
 impl From<&FileStat> for FileKey {
     fn from(st: &FileStat) -> Self {
         FileKey {
@@ -128,15 +144,7 @@ mod tests {
     use std::time::Duration;
 
     fn key(ctime_nsec: u32) -> FileKey {
-        FileKey {
-            dev: 1,
-            ino: 2,
-            ctime_sec: 3,
-            ctime_nsec,
-            mtime_sec: 3,
-            mtime_nsec: 0,
-            size: 4,
-        }
+        FileKey::test(ctime_nsec)
     }
 
     fn allow() -> CachedDecision {

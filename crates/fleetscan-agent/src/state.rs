@@ -561,15 +561,7 @@ mod tests {
     use super::*;
 
     fn key(ctime_nsec: u32) -> FileKey {
-        FileKey {
-            dev: 1,
-            ino: 2,
-            ctime_sec: 3,
-            ctime_nsec,
-            mtime_sec: 3,
-            mtime_nsec: ctime_nsec,
-            size: 68,
-        }
+        FileKey::test(ctime_nsec)
     }
 
     /// A file whose identity reads as the listed keys, one per look, recording each step.
