@@ -31,6 +31,7 @@ use tracing::{info, warn};
 
 mod cache;
 mod deadline;
+mod marks;
 mod mounts;
 mod paths;
 mod pending;
@@ -111,6 +112,9 @@ pub struct AgentTuning {
     pub heartbeat: Duration,
     /// For connecting and for the broker's `SessionAccepted`.
     pub connect_timeout: Duration,
+    /// Kernel ignore marks kept at once (each holds a descriptor and a read lease); beyond it
+    /// the oldest is removed.
+    pub max_marks: usize,
 }
 
 impl Default for AgentTuning {
@@ -123,6 +127,7 @@ impl Default for AgentTuning {
             upload_concurrency: 4,
             heartbeat: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(2),
+            max_marks: 16_384,
         }
     }
 }
@@ -218,6 +223,7 @@ impl Stats {
 struct Threads {
     reader: JoinHandle<()>,
     deadline: JoinHandle<()>,
+    marks: JoinHandle<()>,
 }
 
 /// A running agent: protection is active from [`Agent::start`] on.
@@ -266,6 +272,8 @@ const RESERVED_FDS: u64 = 512;
 /// Makes room for the descriptors of waiting accesses. When the kernel cannot install an
 /// event's descriptor in `read(2)` it denies the access itself (no fail mode, no report), so
 /// the pending bound must stay below what the limit holds: beyond it the fail mode answers.
+/// Kept ignore marks hold a descriptor each too: they get at most a quarter of what is left
+/// after the reserve (fewer marks only cost events; fewer pending slots cost fail-mode answers).
 fn fit_descriptor_limit(tuning: &mut AgentTuning) {
     let limit = match fleetscan_fanotify::raise_nofile_limit() {
         Ok(l) => l,
@@ -274,10 +282,21 @@ fn fit_descriptor_limit(tuning: &mut AgentTuning) {
             return;
         }
     };
+    let to_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+    let available = limit.saturating_sub(RESERVED_FDS);
+    let marks_fit = to_usize(available / 4).max(1);
+    if tuning.max_marks > marks_fit {
+        info!(
+            limit,
+            max_marks = tuning.max_marks,
+            fit = marks_fit,
+            "open-descriptor limit lowers the ignore marks kept"
+        );
+        tuning.max_marks = marks_fit;
+    }
+    let marks = u64::try_from(tuning.max_marks).unwrap_or(u64::MAX);
     // The event's descriptor and its pidfd.
-    let fit = usize::try_from(limit.saturating_sub(RESERVED_FDS) / 2)
-        .unwrap_or(usize::MAX)
-        .max(1);
+    let fit = to_usize(available.saturating_sub(marks) / 2).max(1);
     if tuning.max_pending > fit {
         warn!(
             limit,
@@ -356,6 +375,7 @@ impl Agent {
             shared.tuning.max_pending,
         )
         .map_err(AgentError::Thread)?;
+        let marks = marks::start(&shared).map_err(AgentError::Thread)?;
         let reader = {
             let shared = shared.clone();
             std::thread::Builder::new()
@@ -365,7 +385,11 @@ impl Agent {
         };
         let agent = Agent {
             shared,
-            threads: Mutex::new(Some(Threads { reader, deadline })),
+            threads: Mutex::new(Some(Threads {
+                reader,
+                deadline,
+                marks,
+            })),
         };
         // Marks last: from here on events flow, and every thread that answers them is up.
         for path in &protect {
@@ -427,6 +451,7 @@ impl Agent {
         }
         s.deadlines.stop();
         let _ = threads.deadline.join();
+        let _ = threads.marks.join();
         info!("agent stopped");
     }
 }

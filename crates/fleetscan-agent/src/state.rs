@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use fleetscan_core::policy::{MAX_DECISION_DEADLINE, Outcome};
 use fleetscan_core::{AccessKind, Action, Policy};
-use fleetscan_fanotify::{Fanotify, LeaseOutcome, PERMISSION_MASK, ReadLease, Response};
+use fleetscan_fanotify::{Fanotify, PERMISSION_MASK, Response};
 use fleetscan_proto::{convert, v1};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::mpsc;
@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::cache::{CachedDecision, FileKey, VerdictCache};
 use crate::deadline::DeadlineQueue;
+use crate::marks::Marks;
 use crate::mounts::Protection;
 use crate::pending::{PendingEvent, PendingMap};
 use crate::pods::PodDirectory;
@@ -94,6 +95,8 @@ pub(crate) struct Shared {
     policies: RwLock<Policies>,
     /// The verdict cache; its lock also orders ignore-mark placement against flushes.
     cache: Mutex<VerdictCache>,
+    /// Kernel ignore marks and the leases that guard them.
+    pub marks: Marks,
     pub pending: PendingMap,
     pub deadlines: DeadlineQueue,
     session: RwLock<Option<SessionLink>>,
@@ -131,6 +134,7 @@ impl Shared {
             pods: PodDirectory::new(config.pod_retention),
             policies: RwLock::new(Policies::new(policy.clone())),
             cache: Mutex::new(cache),
+            marks: Marks::new(tuning.max_marks),
             pending: PendingMap::default(),
             deadlines: DeadlineQueue::new(),
             session: RwLock::new(None),
@@ -404,6 +408,7 @@ impl Shared {
         if let Err(e) = self.group.flush_inode_marks() {
             warn!(error = %e, "flushing ignore marks failed");
         }
+        self.marks.clear();
     }
 
     /// Caches a decision for the version of the file that was hashed, if the generation did
@@ -438,50 +443,34 @@ impl Shared {
         }
     }
 
-    /// Places an ignore mark through `file` if its identity is still `key`.
+    /// Places an ignore mark through `file` if its identity is still `key`, kept under a read
+    /// lease that a writer's open takes away together with the mark (see `marks.rs`).
     ///
     /// The kernel clears an ignore mask on the first modify event *after* the mark is there; a
     /// write that finished before it is only seen in the identity. So the mark goes on only
-    /// under a read lease (no writer has the file open, none can open it until the lease is
-    /// dropped, so no write is under way and the file has no writable mapping) and only when
+    /// under the read lease (no writer has the file open, none can open it until the lease is
+    /// given up, so no write is under way and the file has no writable mapping) and only when
     /// the identity, taken under that lease, is still `key` (ctime and mtime to the
     /// nanosecond: on this kernel's multigrain filesystems a change after our statx always
     /// gets a new ctime). The check comes *before* the mark: a write may have come and gone
     /// since the content was judged (a cache hit's answer lets the writer go on at once, and
     /// a decision can arrive after the file changed), and a mark placed on the new version
-    /// even for a moment hides every open made in that moment. The identity is compared again
-    /// after: a lease the kernel revoked (lease-break-time) would have let a writer in.
+    /// even for a moment hides every open made in that moment.
     ///
     /// No lease, no mark: a file open for writing is about to change, and a filesystem
     /// without leases (network filesystems) cannot keep a writer out, nor report a remote
     /// write as a modify event.
     pub fn place_ignore_mark(&self, file: &File, key: &FileKey) {
-        let lease = match ReadLease::try_acquire(file.as_fd()) {
-            LeaseOutcome::Held(l) => l,
-            LeaseOutcome::Writers => {
-                debug!("file open for writing, no ignore mark");
-                return;
-            }
-            LeaseOutcome::Unsupported(e) => {
-                debug!(error = %e, "no read lease on this filesystem, no ignore mark");
-                return;
-            }
-        };
-        let target = KernelMark {
-            group: &self.group,
-            file,
-        };
-        if mark_if_unchanged(&target, key) {
+        if self.marks.place(&self.group, file, key) {
             bump(&self.counters.ignore_marks);
         }
-        drop(lease);
     }
 
     /// Re-places the mark for a cached clean decision (evictable marks vanish when the kernel
     /// evicts the inode), under the cache lock and only while the entry is still there, so
     /// that a flush cannot interleave.
     pub fn refresh_ignore_mark(&self, file: &File, key: &FileKey, scope: u32) {
-        if !self.config.ignore_marks {
+        if !self.config.ignore_marks || self.marks.holds(key) {
             return;
         }
         let mut c = self.cache.lock();
@@ -495,16 +484,16 @@ impl Shared {
 
 /// What placing an ignore mark asks of the kernel, apart so that the order of the steps can be
 /// tested on its own (the kernel's side is `tests/rewrite_race.rs`).
-trait MarkTarget {
+pub(crate) trait MarkTarget {
     /// The file's identity now; `None` when it cannot be had.
     fn identity(&self) -> Option<FileKey>;
     fn add(&self) -> bool;
     fn remove(&self);
 }
 
-struct KernelMark<'a> {
-    group: &'a Fanotify,
-    file: &'a File,
+pub(crate) struct KernelMark<'a> {
+    pub group: &'a Fanotify,
+    pub file: &'a File,
 }
 
 impl MarkTarget for KernelMark<'_> {
@@ -538,8 +527,9 @@ impl MarkTarget for KernelMark<'_> {
 }
 
 /// Under a read lease: marks the file only if its identity is still `key`, compared before the
-/// mark (see [`Shared::place_ignore_mark`]) and again after. Returns whether a mark stands.
-fn mark_if_unchanged(target: &impl MarkTarget, key: &FileKey) -> bool {
+/// mark (see [`Shared::place_ignore_mark`]) and again after (a lease the kernel revoked after
+/// lease-break-time would have let a writer in). Returns whether a mark stands.
+pub(crate) fn mark_if_unchanged(target: &impl MarkTarget, key: &FileKey) -> bool {
     if target.identity().as_ref() != Some(key) {
         debug!("file changed since it was judged, no ignore mark");
         return false;

@@ -755,3 +755,96 @@ async fn opener_in_another_mount_namespace() {
     assert!(acc[0].path.ends_with("inside/evil.txt"), "{}", acc[0].path);
     agent.stop().await;
 }
+
+/// Invariant 4 against a writer that leaves no modify event: a store through a shared mapping.
+/// The mark of the clean version must not hide the opens of what the mapping wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_file_rewritten_through_a_shared_mapping_is_denied() {
+    let env = env();
+    let evil = b"EVIL EVIL EVIL".to_vec();
+    let broker = FakeBroker::start(
+        Mode::Blocklist(vec![Sha256::of(&evil).to_hex()]),
+        policy(FailMode::Closed, 5000),
+    );
+    let agent = run(closed_config(&env, &broker));
+    connected(&agent, 1).await;
+    let file = env.protected.join("mapped");
+    fs::write(&file, b"clean clean cl").unwrap();
+    assert!(cat(&file).await.ok);
+    wait_for("ignore mark", SETTLE, || {
+        agent.stats.snapshot().ignore_marks == 1
+    })
+    .await;
+    let path = file.to_str().unwrap().to_owned();
+    let wrote = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import mmap,os,sys\n\
+                 fd=os.open(sys.argv[1],os.O_RDWR)\n\
+                 m=mmap.mmap(fd,14,mmap.MAP_SHARED)\n\
+                 m[0:14]=b'EVIL EVIL EVIL'\n\
+                 m.close();os.close(fd)",
+                &path,
+            ])
+            .status()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(wrote.success());
+    let got = cat(&file).await;
+    assert!(
+        !got.ok,
+        "content written through a mapping was let through: {:?} {:?}",
+        String::from_utf8_lossy(&got.stdout),
+        agent.stats.snapshot()
+    );
+    agent.stop().await;
+}
+
+/// Kept marks are bounded (each holds a descriptor and a lease): beyond the bound the oldest
+/// mark goes, and its file's next open reaches the agent again (answered from the cache).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_the_marks_kept_the_oldest_file_is_asked_about_again() {
+    let env = env();
+    let broker = FakeBroker::start(Mode::Clean, policy(FailMode::Closed, 5000));
+    let tuning = AgentTuning {
+        max_marks: 2,
+        ..Default::default()
+    };
+    let agent = run_tuned(closed_config(&env, &broker), tuning);
+    connected(&agent, 1).await;
+    let files: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|n| {
+            let f = env.protected.join(n);
+            fs::write(&f, n.as_bytes()).unwrap();
+            f
+        })
+        .collect();
+    for (i, f) in files.iter().enumerate() {
+        assert!(cat(f).await.ok);
+        wait_for("ignore mark", SETTLE, || {
+            agent.stats.snapshot().ignore_marks == i as u64 + 1
+        })
+        .await;
+    }
+    assert_eq!(agent.stats.snapshot().events, 3);
+    assert!(cat(&files[2]).await.ok);
+    assert!(cat(&files[1]).await.ok);
+    assert_eq!(
+        agent.stats.snapshot().events,
+        3,
+        "the two newest stay marked"
+    );
+    assert!(cat(&files[0]).await.ok);
+    let s = agent.stats.snapshot();
+    assert_eq!(
+        (s.events, s.cache_hits),
+        (4, 1),
+        "the oldest was unmarked: {s:?}"
+    );
+    assert_eq!(broker.accesses().len(), 3, "and answered from the cache");
+    agent.stop().await;
+}
