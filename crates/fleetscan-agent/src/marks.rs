@@ -11,7 +11,7 @@
 //! a shared mapping updates ctime too), so the verdict cache misses.
 //!
 //! At most `capacity` marks are kept (each holds a descriptor and keeps its inode in memory);
-//! the oldest is removed to make room.
+//! the oldest is removed to make room, and a deleted file's within a sweep (every `SWEEP`).
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -156,13 +156,18 @@ impl Marks {
         }
     }
 
-    /// The leases being broken that no notice told of (a notice that could not be queued).
+    /// The leases being broken that no notice told of (a notice that could not be queued),
+    /// and the files deleted since they were marked: our descriptor is all that keeps them (on
+    /// a tmpfs, their space too), and no one can open them any more.
     fn sweep(&self, group: &Fanotify) {
         let mut held = self.held.lock();
         let broken: Vec<Inode> = held
             .by_inode
             .iter()
-            .filter(|(_, (f, _))| !lease_intact(f.as_fd()))
+            .filter(|(_, (f, _))| {
+                !lease_intact(f.as_fd())
+                    || fleetscan_fanotify::statx_fd(f.as_fd()).map_or(true, |st| st.nlink == 0)
+            })
             .map(|(i, _)| *i)
             .collect();
         for inode in broken {
@@ -180,8 +185,9 @@ impl Marks {
     }
 }
 
-/// How often the marks thread looks at every lease itself, for notices that were lost.
-const SWEEP: Duration = Duration::from_secs(1);
+/// How often the marks thread looks at every kept mark itself: for notices that were lost
+/// (a writer waits that long at most) and for deleted files (their space is freed that late).
+const SWEEP: Duration = Duration::from_secs(5);
 
 /// The marks thread: hears lease breaks and gives up their marks until `stopping` is set.
 /// Returns once it can hear them (or could not: then no mark is ever placed).

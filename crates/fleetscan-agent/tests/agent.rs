@@ -848,3 +848,42 @@ async fn beyond_the_marks_kept_the_oldest_file_is_asked_about_again() {
     assert_eq!(broker.accesses().len(), 3, "and answered from the cache");
     agent.stop().await;
 }
+
+/// A kept mark holds a descriptor of its file: once the file is deleted the agent lets it go
+/// (within one sweep, 5 s), so that its space is freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_marked_file_deleted_does_not_keep_its_space() {
+    let env = env();
+    let broker = FakeBroker::start(Mode::Clean, policy(FailMode::Closed, 5000));
+    let agent = run(closed_config(&env, &broker));
+    connected(&agent, 1).await;
+    let free_blocks = || {
+        let out = Command::new("stat")
+            .args(["-f", "-c", "%a"])
+            .arg(&env.protected)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let before = free_blocks();
+    let file = env.protected.join("big");
+    fs::write(&file, vec![b'x'; 8 << 20]).unwrap();
+    assert!(cat(&file).await.ok);
+    wait_for("ignore mark", SETTLE, || {
+        agent.stats.snapshot().ignore_marks == 1
+    })
+    .await;
+    fs::remove_file(&file).unwrap();
+    assert!(
+        free_blocks() < before,
+        "the agent's descriptor keeps the space for now"
+    );
+    wait_for("space freed", Duration::from_secs(8), || {
+        free_blocks() >= before
+    })
+    .await;
+    agent.stop().await;
+}

@@ -410,6 +410,8 @@ pub struct FileStat {
     pub dev: u64,
     pub ino: u64,
     pub mode: u32,
+    /// Hard links: 0 once the file was deleted (while descriptors keep it).
+    pub nlink: u32,
     pub size: u64,
     pub ctime_sec: i64,
     pub ctime_nsec: u32,
@@ -450,6 +452,7 @@ pub fn statx_fd(fd: BorrowedFd<'_>) -> io::Result<FileStat> {
         dev: libc::makedev(st.stx_dev_major, st.stx_dev_minor),
         ino: st.stx_ino,
         mode: u32::from(st.stx_mode),
+        nlink: st.stx_nlink,
         size: st.stx_size,
         ctime_sec: st.stx_ctime.tv_sec,
         ctime_nsec: st.stx_ctime.tv_nsec,
