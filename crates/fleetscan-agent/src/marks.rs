@@ -10,8 +10,12 @@
 //! reaches the agent again, and the writer's changes move the file's identity (a write fault on
 //! a shared mapping updates ctime too), so the verdict cache misses.
 //!
-//! At most `capacity` marks are kept (each holds a descriptor and keeps its inode in memory);
-//! the oldest is removed to make room, and a deleted file's within a sweep (every `SWEEP`).
+//! A kept descriptor also keeps its inode in memory, its mount busy (`umount` fails with
+//! `EBUSY`: a pod's volumes, a container's root) and a deleted file's space in use. So marks
+//! are short-lived: at most `capacity` of them, oldest out first; none older than
+//! [`LIFETIME`] (the file's next open after that is answered from the verdict cache and marks
+//! it again: one event per file per lifetime); and a deleted file's goes at the next sweep
+//! (every [`SWEEP`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -39,15 +43,26 @@ pub(crate) struct Marks {
     capacity: usize,
 }
 
+/// The longest a mark is kept.
+pub(crate) const LIFETIME: Duration = Duration::from_secs(10);
+
+/// How often the marks thread looks at every kept mark itself: for marks past their lifetime,
+/// for deleted files (their space is freed that late) and for notices that were lost (a writer
+/// waits that long at most; a lost notice the kernel could say was lost starts a sweep at once).
+const SWEEP: Duration = Duration::from_secs(2);
+
 #[derive(Debug, Default)]
 struct Held {
-    /// The leased descriptor of each marked inode, and when it was marked.
+    /// The leased descriptor of each marked inode, and its place in `order`.
     by_inode: HashMap<Inode, (File, u64)>,
     /// Lease-break notices name the descriptor.
     by_fd: HashMap<RawFd, Inode>,
-    /// Marking order, for making room; entries already gone are skipped.
-    order: VecDeque<(Inode, u64)>,
+    /// Marking order and time, for making room and for the lifetime; entries already gone
+    /// are skipped.
+    order: VecDeque<(Inode, u64, Instant)>,
     seq: u64,
+    /// The marks thread has ended: nobody would hear a break any more.
+    closed: bool,
 }
 
 impl Held {
@@ -58,16 +73,37 @@ impl Held {
         };
         self.by_fd.remove(&file.as_raw_fd());
         if let Err(e) = group.remove_ignore_mark(file.as_fd(), PERMISSION_MASK) {
-            warn!(error = %e, "removing an ignore mark failed");
+            // The lease must not go while the mark may stand: every mark goes instead.
+            warn!(error = %e, "removing an ignore mark failed, dropping them all");
+            if let Err(e) = group.flush_inode_marks() {
+                warn!(error = %e, "flushing ignore marks failed");
+                // Keep this lease: a writer waits for lease-break-time, then the kernel
+                // takes it (the mark may stand then; nothing else can be done here).
+                self.by_inode.insert(inode, (file, 0));
+                return;
+            }
+            self.release_all();
         }
         release_lease(file.as_fd());
     }
 
-    fn make_room(&mut self, group: &Fanotify, capacity: usize) {
-        while self.by_inode.len() >= capacity {
-            let Some((inode, seq)) = self.order.pop_front() else {
+    /// Lets every lease go (their marks are gone) and forgets them.
+    fn release_all(&mut self) {
+        for (file, _) in self.by_inode.values() {
+            release_lease(file.as_fd());
+        }
+        self.by_inode.clear();
+        self.by_fd.clear();
+        self.order.clear();
+    }
+
+    /// Drops marks from the front of `order` while `done` says so of the oldest.
+    fn drop_oldest(&mut self, group: &Fanotify, mut done: impl FnMut(&Held, Instant) -> bool) {
+        while let Some(&(inode, seq, at)) = self.order.front() {
+            if !done(self, at) {
                 return;
-            };
+            }
+            self.order.pop_front();
             if self.by_inode.get(&inode).is_some_and(|(_, s)| *s == seq) {
                 self.drop_mark(group, inode);
             }
@@ -98,11 +134,14 @@ impl Marks {
         let inode = (key.dev, key.ino);
         // Held throughout: a break announced while this runs is handled once the entry is in.
         let mut held = self.held.lock();
-        if held.by_inode.contains_key(&inode) {
+        if held.closed || held.by_inode.contains_key(&inode) {
             return false;
         }
         // A descriptor of our own: the lease's notices name it, and it lives as long as the
-        // mark, whatever becomes of the event's.
+        // mark, whatever becomes of the event's. It is a duplicate, so the lease belongs to the
+        // event's open file description too: nothing may take or drop a lease through the
+        // event's descriptor from here on (the hashing pool's lease on it ended before the
+        // decision that led here could be made).
         let own = match file.try_clone() {
             Ok(f) => f,
             Err(e) => {
@@ -139,12 +178,13 @@ impl Marks {
             return false;
         }
         lease.keep();
-        held.make_room(group, self.capacity);
+        let capacity = self.capacity;
+        held.drop_oldest(group, |h, _| h.by_inode.len() >= capacity);
         held.seq += 1;
         let seq = held.seq;
         held.by_fd.insert(own.as_raw_fd(), inode);
         held.by_inode.insert(inode, (own, seq));
-        held.order.push_back((inode, seq));
+        held.order.push_back((inode, seq, Instant::now()));
         true
     }
 
@@ -156,11 +196,14 @@ impl Marks {
         }
     }
 
-    /// The leases being broken that no notice told of (a notice that could not be queued),
-    /// and the files deleted since they were marked: our descriptor is all that keeps them (on
-    /// a tmpfs, their space too), and no one can open them any more.
+    /// Marks past their lifetime; the leases being broken that no notice told of (a notice
+    /// that could not be queued); and the files deleted since they were marked: our
+    /// descriptor is all that keeps them (on a tmpfs, their space too), and no one can open
+    /// them any more.
     fn sweep(&self, group: &Fanotify) {
         let mut held = self.held.lock();
+        let now = Instant::now();
+        held.drop_oldest(group, |_, at| now.duration_since(at) >= LIFETIME);
         let broken: Vec<Inode> = held
             .by_inode
             .iter()
@@ -177,17 +220,19 @@ impl Marks {
 
     /// Lets every lease go, after the group's inode marks were flushed.
     pub fn clear(&self) {
+        self.held.lock().release_all();
+    }
+
+    /// The marks thread ends: every mark and lease goes, and no mark is placed after.
+    fn close(&self, group: &Fanotify) {
         let mut held = self.held.lock();
-        for (file, _) in held.by_inode.values() {
-            release_lease(file.as_fd());
+        held.closed = true;
+        if let Err(e) = group.flush_inode_marks() {
+            warn!(error = %e, "flushing ignore marks failed");
         }
-        *held = Held::default();
+        held.release_all();
     }
 }
-
-/// How often the marks thread looks at every kept mark itself: for notices that were lost
-/// (a writer waits that long at most) and for deleted files (their space is freed that late).
-const SWEEP: Duration = Duration::from_secs(5);
 
 /// The marks thread: hears lease breaks and gives up their marks until `stopping` is set.
 /// Returns once it can hear them (or could not: then no mark is ever placed).
@@ -227,18 +272,20 @@ fn run(shared: &crate::state::Shared, notices: &LeaseNotices) {
             warn!(error = %e, "waiting for lease-break notices failed");
             std::thread::sleep(Duration::from_millis(100));
         }
+        let mut lost = false;
         match notices.take() {
-            Ok(broken) => {
-                for fd in broken {
+            Ok(n) => {
+                for fd in n.broken {
                     shared.marks.broken(&shared.group, fd);
                 }
+                lost = n.lost;
             }
             Err(e) => warn!(error = %e, "reading lease-break notices failed"),
         }
-        if last_sweep.elapsed() >= SWEEP {
+        if lost || last_sweep.elapsed() >= SWEEP {
             shared.marks.sweep(&shared.group);
             last_sweep = Instant::now();
         }
     }
-    shared.marks.clear();
+    shared.marks.close(&shared.group);
 }

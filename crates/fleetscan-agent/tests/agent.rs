@@ -887,3 +887,32 @@ async fn a_marked_file_deleted_does_not_keep_its_space() {
     .await;
     agent.stop().await;
 }
+
+/// A kept mark holds a descriptor, and so the mount its file was opened through: a pod's
+/// volume could not be unmounted while it stood. Marks are short-lived, so `umount` (not a
+/// lazy one) succeeds within a lifetime and a sweep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mount_whose_file_was_marked_can_be_unmounted_soon() {
+    let env = env();
+    let broker = FakeBroker::start(Mode::Clean, policy(FailMode::Closed, 5000));
+    let agent = run(closed_config(&env, &broker));
+    connected(&agent, 1).await;
+    fs::write(env.protected.join("vol"), b"volume content").unwrap();
+    let bind = BindMount::new(&env.protected);
+    assert!(cat(&bind.path().join("vol")).await.ok);
+    wait_for("ignore mark", SETTLE, || {
+        agent.stats.snapshot().ignore_marks == 1
+    })
+    .await;
+    let umount = || {
+        Command::new("umount")
+            .arg(bind.path())
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(!umount(), "busy while the mark stands");
+    wait_for("unmounted", Duration::from_secs(16), umount).await;
+    agent.stop().await;
+}

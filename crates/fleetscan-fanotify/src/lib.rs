@@ -586,18 +586,24 @@ pub struct LeaseNotices {
 }
 
 impl LeaseNotices {
-    /// Made on the thread that will read the notices.
+    /// Made on the thread that will read the notices. `SIGIO` is blocked there and read too:
+    /// the kernel sends it instead when the real-time signal cannot be queued.
     pub fn for_this_thread() -> io::Result<LeaseNotices> {
         ignore_sigio();
         let signo = libc::SIGRTMIN() + 5;
-        // SAFETY: plain libc calls on a sigset owned by this frame; SIG_IGN has no handler.
+        // Once per process: setting a disposition to "ignore" discards what is pending, so a
+        // second agent in the process must not throw away the first one's notices.
+        static IGNORED: std::sync::Once = std::sync::Once::new();
+        // SAFETY: SIG_IGN is a valid disposition and has no handler.
+        IGNORED.call_once(|| unsafe {
+            libc::signal(signo, libc::SIG_IGN);
+        });
+        // SAFETY: plain libc calls on a sigset owned by this frame.
         unsafe {
-            if libc::signal(signo, libc::SIG_IGN) == libc::SIG_ERR {
-                return Err(io::Error::last_os_error());
-            }
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
             libc::sigaddset(&mut set, signo);
+            libc::sigaddset(&mut set, libc::SIGIO);
             let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
             if rc != 0 {
                 return Err(io::Error::from_raw_os_error(rc));
@@ -634,10 +640,10 @@ impl LeaseNotices {
         Ok(())
     }
 
-    /// The descriptors whose leases began to break, as told by the notices queued so far
-    /// (without blocking; poll [`AsFd::as_fd`] for `POLLIN` to wait).
-    pub fn take(&self) -> io::Result<Vec<RawFd>> {
-        let mut fds = Vec::new();
+    /// The notices queued so far, without blocking (poll [`AsFd::as_fd`] for `POLLIN` to
+    /// wait).
+    pub fn take(&self) -> io::Result<Notices> {
+        let mut notices = Notices::default();
         loop {
             // SAFETY: signalfd_siginfo is plain data; the read writes at most its size.
             let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
@@ -653,19 +659,31 @@ impl LeaseNotices {
             if n < 0 {
                 let e = io::Error::last_os_error();
                 return match e.kind() {
-                    io::ErrorKind::WouldBlock => Ok(fds),
+                    io::ErrorKind::WouldBlock => Ok(notices),
                     io::ErrorKind::Interrupted => continue,
                     _ => Err(e),
                 };
             }
             if usize::try_from(n).ok() != Some(size) {
-                return Ok(fds);
+                return Ok(notices);
             }
-            if i32::try_from(info.ssi_signo).ok() == Some(self.signo) {
-                fds.push(info.ssi_fd);
+            match i32::try_from(info.ssi_signo) {
+                Ok(s) if s == self.signo => notices.broken.push(info.ssi_fd),
+                Ok(libc::SIGIO) => notices.lost = true,
+                _ => {}
             }
         }
     }
+}
+
+/// What [`LeaseNotices::take`] read.
+#[derive(Debug, Default)]
+pub struct Notices {
+    /// The descriptors whose leases began to break.
+    pub broken: Vec<RawFd>,
+    /// A notice could not be queued (the kernel sent `SIGIO` instead): which lease it was
+    /// about is not known.
+    pub lost: bool,
 }
 
 impl AsFd for LeaseNotices {
