@@ -19,6 +19,16 @@ use support::*;
 
 const SETTLE: Duration = Duration::from_secs(5);
 
+/// Opens `file` (it must be allowed) and waits until the agent has placed its `marks`th
+/// ignore mark.
+async fn opened_and_marked(agent: &Running, file: &std::path::Path, marks: u64) {
+    assert!(cat(file).await.ok);
+    wait_for("ignore mark", SETTLE, || {
+        agent.stats.snapshot().ignore_marks == marks
+    })
+    .await;
+}
+
 /// The usual agent of these tests: one broker, fail-closed, a 4 s deadline.
 fn closed_config(env: &Env, broker: &FakeBroker) -> AgentConfig {
     config(
@@ -311,11 +321,7 @@ async fn ignore_mark_makes_the_second_open_free() {
     connected(&agent, 1).await;
     let file = env.protected.join("lib.so");
     fs::write(&file, b"clean bytes").unwrap();
-    assert!(cat(&file).await.ok);
-    wait_for("ignore mark", SETTLE, || {
-        agent.stats.snapshot().ignore_marks == 1
-    })
-    .await;
+    opened_and_marked(&agent, &file, 1).await;
     assert_eq!(agent.stats.snapshot().events, 1);
     assert!(cat(&file).await.ok);
     assert!(cat(&file).await.ok);
@@ -395,11 +401,7 @@ async fn a_new_policy_set_drops_marks_and_several_policies_place_none() {
     connected(&agent, 1).await;
     let file = env.protected.join("tool");
     fs::write(&file, b"clean tool").unwrap();
-    assert!(cat(&file).await.ok);
-    wait_for("ignore mark", SETTLE, || {
-        agent.stats.snapshot().ignore_marks == 1
-    })
-    .await;
+    opened_and_marked(&agent, &file, 1).await;
     let flushes = agent.stats.snapshot().flushes;
 
     push_set(&broker, policy_set(2, &["acme"]));
@@ -770,11 +772,7 @@ async fn a_clean_file_rewritten_through_a_shared_mapping_is_denied() {
     connected(&agent, 1).await;
     let file = env.protected.join("mapped");
     fs::write(&file, b"clean clean cl").unwrap();
-    assert!(cat(&file).await.ok);
-    wait_for("ignore mark", SETTLE, || {
-        agent.stats.snapshot().ignore_marks == 1
-    })
-    .await;
+    opened_and_marked(&agent, &file, 1).await;
     let path = file.to_str().unwrap().to_owned();
     let wrote = tokio::task::spawn_blocking(move || {
         std::process::Command::new("python3")
@@ -824,11 +822,7 @@ async fn beyond_the_marks_kept_the_oldest_file_is_asked_about_again() {
         })
         .collect();
     for (i, f) in files.iter().enumerate() {
-        assert!(cat(f).await.ok);
-        wait_for("ignore mark", SETTLE, || {
-            agent.stats.snapshot().ignore_marks == i as u64 + 1
-        })
-        .await;
+        opened_and_marked(&agent, f, i as u64 + 1).await;
     }
     assert_eq!(agent.stats.snapshot().events, 3);
     assert!(cat(&files[2]).await.ok);
@@ -871,11 +865,7 @@ async fn a_marked_file_deleted_does_not_keep_its_space() {
     let before = free_blocks();
     let file = env.protected.join("big");
     fs::write(&file, vec![b'x'; 8 << 20]).unwrap();
-    assert!(cat(&file).await.ok);
-    wait_for("ignore mark", SETTLE, || {
-        agent.stats.snapshot().ignore_marks == 1
-    })
-    .await;
+    opened_and_marked(&agent, &file, 1).await;
     fs::remove_file(&file).unwrap();
     assert!(
         free_blocks() < before,
@@ -899,11 +889,7 @@ async fn a_mount_whose_file_was_marked_can_be_unmounted_soon() {
     connected(&agent, 1).await;
     fs::write(env.protected.join("vol"), b"volume content").unwrap();
     let bind = BindMount::new(&env.protected);
-    assert!(cat(&bind.path().join("vol")).await.ok);
-    wait_for("ignore mark", SETTLE, || {
-        agent.stats.snapshot().ignore_marks == 1
-    })
-    .await;
+    opened_and_marked(&agent, &bind.path().join("vol"), 1).await;
     let umount = || {
         Command::new("umount")
             .arg(bind.path())
