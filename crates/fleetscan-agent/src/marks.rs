@@ -27,10 +27,9 @@ use fleetscan_fanotify::{
     Fanotify, LeaseNotices, LeaseOutcome, PERMISSION_MASK, ReadLease, lease_intact, release_lease,
 };
 use parking_lot::Mutex;
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 use crate::cache::FileKey;
-use crate::state::{KernelMark, mark_if_unchanged};
 
 /// (device, inode): a mark is per inode.
 type Inode = (u64, u64);
@@ -72,18 +71,7 @@ impl Held {
             return;
         };
         self.by_fd.remove(&file.as_raw_fd());
-        if let Err(e) = group.remove_ignore_mark(file.as_fd(), PERMISSION_MASK) {
-            // The lease must not go while the mark may stand: every mark goes instead.
-            warn!(error = %e, "removing an ignore mark failed, dropping them all");
-            if let Err(e) = group.flush_inode_marks() {
-                warn!(error = %e, "flushing ignore marks failed");
-                // Keep this lease: a writer waits for lease-break-time, then the kernel
-                // takes it (the mark may stand then; nothing else can be done here).
-                self.by_inode.insert(inode, (file, 0));
-                return;
-            }
-            self.release_all();
-        }
+        unmark(group, &file);
         release_lease(file.as_fd());
     }
 
@@ -120,12 +108,7 @@ impl Marks {
         }
     }
 
-    /// Whether a mark is kept for `key`'s inode.
-    pub fn holds(&self, key: &FileKey) -> bool {
-        self.held.lock().by_inode.contains_key(&(key.dev, key.ino))
-    }
-
-    /// Marks `file` if its identity is still `key` (see `state::mark_if_unchanged`) and keeps
+    /// Marks `file` if its identity is still `key` (see [`mark_if_unchanged`]) and keeps
     /// the mark under a read lease. Returns whether a mark was placed now.
     pub fn place(&self, group: &Fanotify, file: &File, key: &FileKey) -> bool {
         let Some(notices) = self.notices.get() else {
@@ -171,9 +154,7 @@ impl Marks {
         // A break that began before `watch` was announced to nobody.
         // The mark goes before the lease: the writer waits for the lease.
         if !lease_intact(own.as_fd()) {
-            if let Err(e) = group.remove_ignore_mark(own.as_fd(), PERMISSION_MASK) {
-                warn!(error = %e, "removing an ignore mark failed");
-            }
+            target.remove();
             drop(lease);
             return false;
         }
@@ -218,20 +199,90 @@ impl Marks {
         }
     }
 
-    /// Lets every lease go, after the group's inode marks were flushed.
-    pub fn clear(&self) {
-        self.held.lock().release_all();
-    }
-
-    /// The marks thread ends: every mark and lease goes, and no mark is placed after.
-    fn close(&self, group: &Fanotify) {
+    /// Removes every mark of the group (a flush of the verdict cache), then lets every lease
+    /// go.
+    pub fn flush(&self, group: &Fanotify) {
         let mut held = self.held.lock();
-        held.closed = true;
         if let Err(e) = group.flush_inode_marks() {
             warn!(error = %e, "flushing ignore marks failed");
         }
         held.release_all();
     }
+
+    /// The marks thread ends: every mark and lease goes, and no mark is placed after.
+    fn close(&self, group: &Fanotify) {
+        self.held.lock().closed = true;
+        self.flush(group);
+    }
+}
+
+/// Removes the ignore mark on `file`'s inode. A mark must never outlive the lease that guards
+/// it, so when that fails every mark of the group goes instead (the leases still kept then
+/// guard nothing and go with their breaks or their lifetime).
+fn unmark(group: &Fanotify, file: &File) {
+    if let Err(e) = group.remove_ignore_mark(file.as_fd(), PERMISSION_MASK) {
+        warn!(error = %e, "removing an ignore mark failed, removing them all");
+        if let Err(e) = group.flush_inode_marks() {
+            error!(error = %e, "flushing ignore marks failed: a mark may outlive its lease");
+        }
+    }
+}
+
+/// What placing an ignore mark asks of the kernel, apart so that the order of the steps can be
+/// tested on its own (the kernel's side is `tests/rewrite_race.rs`).
+trait MarkTarget {
+    /// The file's identity now; `None` when it cannot be had.
+    fn identity(&self) -> Option<FileKey>;
+    fn add(&self) -> bool;
+    fn remove(&self);
+}
+
+struct KernelMark<'a> {
+    group: &'a Fanotify,
+    file: &'a File,
+}
+
+impl MarkTarget for KernelMark<'_> {
+    fn identity(&self) -> Option<FileKey> {
+        fleetscan_fanotify::statx_fd(self.file.as_fd())
+            .ok()
+            .map(|st| FileKey::from(&st))
+    }
+
+    fn add(&self) -> bool {
+        match self
+            .group
+            .add_ignore_mark(self.file.as_fd(), PERMISSION_MASK)
+        {
+            Ok(()) => true,
+            Err(e) => {
+                debug!(error = %e, "ignore mark not placed");
+                false
+            }
+        }
+    }
+
+    fn remove(&self) {
+        unmark(self.group, self.file);
+    }
+}
+
+/// Under a read lease: marks the file only if its identity is still `key`, compared before the
+/// mark (see `Shared::place_ignore_mark`) and again after (a lease the kernel revoked after
+/// lease-break-time would have let a writer in). Returns whether a mark stands.
+fn mark_if_unchanged(target: &impl MarkTarget, key: &FileKey) -> bool {
+    if target.identity().as_ref() != Some(key) {
+        debug!("file changed since it was judged, no ignore mark");
+        return false;
+    }
+    if !target.add() {
+        return false;
+    }
+    if target.identity().as_ref() == Some(key) {
+        return true;
+    }
+    target.remove();
+    false
 }
 
 /// The marks thread: hears lease breaks and gives up their marks until `stopping` is set.
@@ -288,4 +339,82 @@ fn run(shared: &crate::state::Shared, notices: &LeaseNotices) {
         }
     }
     shared.marks.close(&shared.group);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+
+    fn key(ctime_nsec: u32) -> FileKey {
+        FileKey::test(ctime_nsec)
+    }
+
+    /// A file whose identity reads as the listed keys, one per look, recording each step.
+    struct Script {
+        identities: RefCell<Vec<FileKey>>,
+        steps: RefCell<Vec<&'static str>>,
+    }
+
+    impl Script {
+        fn new(identities: &[FileKey]) -> Script {
+            Script {
+                identities: RefCell::new(identities.iter().rev().copied().collect()),
+                steps: RefCell::new(Vec::new()),
+            }
+        }
+
+        fn steps(&self) -> Vec<&'static str> {
+            self.steps.borrow().clone()
+        }
+    }
+
+    impl MarkTarget for Script {
+        fn identity(&self) -> Option<FileKey> {
+            self.steps.borrow_mut().push("look");
+            self.identities.borrow_mut().pop()
+        }
+
+        fn add(&self) -> bool {
+            self.steps.borrow_mut().push("mark");
+            true
+        }
+
+        fn remove(&self) {
+            self.steps.borrow_mut().push("unmark");
+        }
+    }
+
+    /// The rewrite race: the file was rewritten after it was judged (the writer went on as
+    /// soon as the cached allow answered it, or before a late decision arrived). A mark placed
+    /// first and taken back after the look would hide the opens made in between.
+    #[test]
+    fn a_file_changed_since_its_judgement_is_never_marked_even_for_a_moment() {
+        let t = Script::new(&[key(2), key(2)]);
+        assert!(!mark_if_unchanged(&t, &key(1)));
+        assert_eq!(t.steps(), ["look"]);
+    }
+
+    #[test]
+    fn an_unchanged_file_is_marked_after_one_look_and_kept_after_another() {
+        let t = Script::new(&[key(1), key(1)]);
+        assert!(mark_if_unchanged(&t, &key(1)));
+        assert_eq!(t.steps(), ["look", "mark", "look"]);
+    }
+
+    /// A lease the kernel revoked (lease-break-time) lets a writer in while the mark goes on.
+    #[test]
+    fn a_change_during_marking_takes_the_mark_back() {
+        let t = Script::new(&[key(1), key(2)]);
+        assert!(!mark_if_unchanged(&t, &key(1)));
+        assert_eq!(t.steps(), ["look", "mark", "look", "unmark"]);
+    }
+
+    #[test]
+    fn a_file_whose_identity_cannot_be_had_is_not_marked() {
+        let t = Script::new(&[]);
+        assert!(!mark_if_unchanged(&t, &key(1)));
+        assert_eq!(t.steps(), ["look"]);
+    }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use fleetscan_core::policy::{MAX_DECISION_DEADLINE, Outcome};
 use fleetscan_core::{AccessKind, Action, Policy};
-use fleetscan_fanotify::{Fanotify, PERMISSION_MASK, Response};
+use fleetscan_fanotify::{Fanotify, Response};
 use fleetscan_proto::{convert, v1};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::mpsc;
@@ -405,10 +405,7 @@ impl Shared {
     }
 
     fn flush_marks(&self) {
-        if let Err(e) = self.group.flush_inode_marks() {
-            warn!(error = %e, "flushing ignore marks failed");
-        }
-        self.marks.clear();
+        self.marks.flush(&self.group);
     }
 
     /// Caches a decision for the version of the file that was hashed, if the generation did
@@ -466,11 +463,11 @@ impl Shared {
         }
     }
 
-    /// Re-places the mark for a cached clean decision (evictable marks vanish when the kernel
-    /// evicts the inode), under the cache lock and only while the entry is still there, so
-    /// that a flush cannot interleave.
+    /// Re-places the mark for a cached clean decision (marks go with their lifetime, to make
+    /// room, or with a writer's open), under the cache lock and only while the entry is still
+    /// there, so that a flush cannot interleave.
     pub fn refresh_ignore_mark(&self, file: &File, key: &FileKey, scope: u32) {
-        if !self.config.ignore_marks || self.marks.holds(key) {
+        if !self.config.ignore_marks {
             return;
         }
         let mut c = self.cache.lock();
@@ -479,145 +476,5 @@ impl Shared {
         {
             self.place_ignore_mark(file, key);
         }
-    }
-}
-
-/// What placing an ignore mark asks of the kernel, apart so that the order of the steps can be
-/// tested on its own (the kernel's side is `tests/rewrite_race.rs`).
-pub(crate) trait MarkTarget {
-    /// The file's identity now; `None` when it cannot be had.
-    fn identity(&self) -> Option<FileKey>;
-    fn add(&self) -> bool;
-    fn remove(&self);
-}
-
-pub(crate) struct KernelMark<'a> {
-    pub group: &'a Fanotify,
-    pub file: &'a File,
-}
-
-impl MarkTarget for KernelMark<'_> {
-    fn identity(&self) -> Option<FileKey> {
-        fleetscan_fanotify::statx_fd(self.file.as_fd())
-            .ok()
-            .map(|st| FileKey::from(&st))
-    }
-
-    fn add(&self) -> bool {
-        match self
-            .group
-            .add_ignore_mark(self.file.as_fd(), PERMISSION_MASK)
-        {
-            Ok(()) => true,
-            Err(e) => {
-                debug!(error = %e, "ignore mark not placed");
-                false
-            }
-        }
-    }
-
-    fn remove(&self) {
-        if let Err(e) = self
-            .group
-            .remove_ignore_mark(self.file.as_fd(), PERMISSION_MASK)
-        {
-            warn!(error = %e, "removing a stale ignore mark failed");
-        }
-    }
-}
-
-/// Under a read lease: marks the file only if its identity is still `key`, compared before the
-/// mark (see [`Shared::place_ignore_mark`]) and again after (a lease the kernel revoked after
-/// lease-break-time would have let a writer in). Returns whether a mark stands.
-pub(crate) fn mark_if_unchanged(target: &impl MarkTarget, key: &FileKey) -> bool {
-    if target.identity().as_ref() != Some(key) {
-        debug!("file changed since it was judged, no ignore mark");
-        return false;
-    }
-    if !target.add() {
-        return false;
-    }
-    if target.identity().as_ref() == Some(key) {
-        return true;
-    }
-    target.remove();
-    false
-}
-
-#[cfg(test)]
-mod tests {
-    use std::cell::RefCell;
-
-    use super::*;
-
-    fn key(ctime_nsec: u32) -> FileKey {
-        FileKey::test(ctime_nsec)
-    }
-
-    /// A file whose identity reads as the listed keys, one per look, recording each step.
-    struct Script {
-        identities: RefCell<Vec<FileKey>>,
-        steps: RefCell<Vec<&'static str>>,
-    }
-
-    impl Script {
-        fn new(identities: &[FileKey]) -> Script {
-            Script {
-                identities: RefCell::new(identities.iter().rev().copied().collect()),
-                steps: RefCell::new(Vec::new()),
-            }
-        }
-
-        fn steps(&self) -> Vec<&'static str> {
-            self.steps.borrow().clone()
-        }
-    }
-
-    impl MarkTarget for Script {
-        fn identity(&self) -> Option<FileKey> {
-            self.steps.borrow_mut().push("look");
-            self.identities.borrow_mut().pop()
-        }
-
-        fn add(&self) -> bool {
-            self.steps.borrow_mut().push("mark");
-            true
-        }
-
-        fn remove(&self) {
-            self.steps.borrow_mut().push("unmark");
-        }
-    }
-
-    /// The rewrite race: the file was rewritten after it was judged (the writer went on as
-    /// soon as the cached allow answered it, or before a late decision arrived). A mark placed
-    /// first and taken back after the look would hide the opens made in between.
-    #[test]
-    fn a_file_changed_since_its_judgement_is_never_marked_even_for_a_moment() {
-        let t = Script::new(&[key(2), key(2)]);
-        assert!(!mark_if_unchanged(&t, &key(1)));
-        assert_eq!(t.steps(), ["look"]);
-    }
-
-    #[test]
-    fn an_unchanged_file_is_marked_after_one_look_and_kept_after_another() {
-        let t = Script::new(&[key(1), key(1)]);
-        assert!(mark_if_unchanged(&t, &key(1)));
-        assert_eq!(t.steps(), ["look", "mark", "look"]);
-    }
-
-    /// A lease the kernel revoked (lease-break-time) lets a writer in while the mark goes on.
-    #[test]
-    fn a_change_during_marking_takes_the_mark_back() {
-        let t = Script::new(&[key(1), key(2)]);
-        assert!(!mark_if_unchanged(&t, &key(1)));
-        assert_eq!(t.steps(), ["look", "mark", "look", "unmark"]);
-    }
-
-    #[test]
-    fn a_file_whose_identity_cannot_be_had_is_not_marked() {
-        let t = Script::new(&[]);
-        assert!(!mark_if_unchanged(&t, &key(1)));
-        assert_eq!(t.steps(), ["look"]);
     }
 }
