@@ -467,8 +467,9 @@ pub fn statx_fd(fd: BorrowedFd<'_>) -> io::Result<FileStat> {
 /// The kernel grants it only while nobody has the file open for writing, and while it is held
 /// every open for writing, `truncate(2)` and `ftruncate(2)` of the file waits in `break_lease`
 /// (at most `/proc/sys/fs/lease-break-time`) until it is released (an `O_RDONLY | O_TRUNC`
-/// open does not wait, but needs write permission and sends a modify event). So content read while holding it,
-/// and an ignore mark placed while holding it, belong to one version of the file: a write
+/// open does not wait, but needs write permission and sends a modify event). So content read
+/// while holding it, and an ignore mark placed while holding it, belong to one version of the
+/// file: a write
 /// that was already under way (its ctime updated at its start, its data copied after, its
 /// modify event sent last) makes the lease fail instead of letting a torn read or a stale
 /// mark through.
@@ -521,9 +522,7 @@ impl<'a> ReadLease<'a> {
     /// has started to break it. That writer is still waiting for [`Drop`], so the content has
     /// not changed yet; but it is about to.
     pub fn intact(&self) -> bool {
-        // SAFETY: as in `try_acquire`.
-        let rc = unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_GETLEASE) };
-        rc == libc::F_RDLCK
+        lease_intact(self.fd)
     }
 }
 
@@ -555,17 +554,6 @@ pub fn lease_intact(fd: BorrowedFd<'_>) -> bool {
     rc == libc::F_RDLCK
 }
 
-/// Notices of lease breaks for one thread, so that a lease can be held for a long time and
-/// given up the moment a writer wants the file.
-///
-/// The kernel announces a break to the owner of the leased open file with the signal set by
-/// `F_SETSIG`, the descriptor in `si_fd`. [`LeaseNotices::watch`] directs that signal (a
-/// real-time signal, blocked in the owning thread) to the thread that made the notices, which
-/// reads it through a signalfd; the writer waits in `break_lease` meanwhile. The signal's
-/// disposition is set to "ignore" for the process, so that one sent to the process as a whole
-/// (a lease taken again resets the owner to the process) is dropped instead of ending it.
-/// Signals that cannot be queued fall back to `SIGIO` (ignored too): a holder must also look
-/// at its leases with [`lease_intact`] now and then.
 /// `<asm-generic/fcntl.h>` values the `libc` crate does not export for this target.
 const F_SETSIG: libc::c_int = 10;
 const F_SETOWN_EX: libc::c_int = 15;
@@ -578,6 +566,17 @@ struct FOwnerEx {
     pid: libc::pid_t,
 }
 
+/// Notices of lease breaks for one thread, so that a lease can be held for a long time and
+/// given up the moment a writer wants the file.
+///
+/// The kernel announces a break to the owner of the leased open file with the signal set by
+/// `F_SETSIG`, the descriptor in `si_fd`. [`LeaseNotices::watch`] directs that signal (a
+/// real-time signal, blocked in the owning thread) to the thread that made the notices, which
+/// reads it through a signalfd; the writer waits in `break_lease` meanwhile. The signal's
+/// disposition is set to "ignore" for the process, so that one sent to the process as a whole
+/// (a lease taken again resets the owner to the process) is dropped instead of ending it.
+/// A notice that cannot be queued comes as `SIGIO` instead, with no descriptor: it is read
+/// too ([`Notices::lost`]), and the holder must then look at its leases with [`lease_intact`].
 #[derive(Debug)]
 pub struct LeaseNotices {
     sigfd: OwnedFd,
