@@ -171,66 +171,61 @@ async fn jobs_async(a: &JobsArgs) -> anyhow::Result<()> {
     }
 
     let seconds = Duration::from_secs(a.seconds.max(1));
-    let lost = engine.writer.records_lost();
-    let small = drive(
-        &url,
-        format!(
-            "small files ({} B), {} clients",
-            a.small_size, a.concurrency
-        ),
-        a.small_size,
-        a.concurrency,
-        a.connections,
-        seconds,
-        0,
-    )
-    .await?;
-    let small = settle(&engine, small, lost).await;
-    let lost = engine.writer.records_lost();
-    let large = drive(
-        &url,
-        format!(
-            "large files ({} KiB), {} clients",
-            a.large_size / 1024,
-            a.large_concurrency
-        ),
-        a.large_size,
-        a.large_concurrency,
-        a.connections,
-        seconds,
-        1,
-    )
-    .await?;
-    let large = settle(&engine, large, lost).await;
-    let lost = engine.writer.records_lost();
-    let fed = drive_engine(
+    let small_files = format!("small files ({} B)", a.small_size);
+    let large_files = format!("large files ({} KiB)", a.large_size / 1024);
+    let small = settled(
         &engine,
-        format!(
-            "small files ({} B), {} submitters in-process",
-            a.small_size, a.concurrency
+        drive(
+            &url,
+            format!("{small_files}, {} clients", a.concurrency),
+            a.small_size,
+            a.concurrency,
+            a.connections,
+            seconds,
+            0,
         ),
-        a.small_size,
-        a.concurrency,
-        seconds,
-        2,
     )
     .await?;
-    let fed = settle(&engine, fed, lost).await;
-    let lost = engine.writer.records_lost();
-    let fed_large = drive_engine(
+    let large = settled(
         &engine,
-        format!(
-            "large files ({} KiB), {} submitters in-process",
-            a.large_size / 1024,
-            a.large_concurrency
+        drive(
+            &url,
+            format!("{large_files}, {} clients", a.large_concurrency),
+            a.large_size,
+            a.large_concurrency,
+            a.connections,
+            seconds,
+            1,
         ),
-        a.large_size,
-        a.large_concurrency,
-        seconds,
-        3,
     )
     .await?;
-    let fed_large = settle(&engine, fed_large, lost).await;
+    let fed = settled(
+        &engine,
+        drive_engine(
+            &engine,
+            format!("{small_files}, {} submitters in-process", a.concurrency),
+            a.small_size,
+            a.concurrency,
+            seconds,
+            2,
+        ),
+    )
+    .await?;
+    let fed_large = settled(
+        &engine,
+        drive_engine(
+            &engine,
+            format!(
+                "{large_files}, {} submitters in-process",
+                a.large_concurrency
+            ),
+            a.large_size,
+            a.large_concurrency,
+            seconds,
+            3,
+        ),
+    )
+    .await?;
     let stats = fleetscan_testkit::stats(&url).await;
     let lookups_skipped = engine
         .stats
@@ -491,6 +486,16 @@ async fn collect(
 
 /// The longest a row waits for the broker to write its verdicts.
 const DRAIN_LIMIT: Duration = Duration::from_secs(300);
+
+/// Runs one row, then charges it the write-behind drain it leaves behind (see [`settle`]).
+async fn settled(
+    engine: &fleetscan_broker::engine::Engine,
+    row: impl Future<Output = anyhow::Result<Row>>,
+) -> anyhow::Result<Row> {
+    let lost = engine.writer.records_lost();
+    let row = row.await?;
+    Ok(settle(engine, row, lost).await)
+}
 
 /// Waits until the broker has written every record of the row (its write-behind backlog is
 /// empty) and charges the wait to the row, wall time and CPU: a row's rate is what the broker
