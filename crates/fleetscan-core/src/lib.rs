@@ -1,12 +1,14 @@
 //! Domain types of fleetscan and the pure logic over them: content digests, verdicts,
 //! decisions, policy. No I/O lives here, and no protocol type: the gRPC edge converts.
 
+pub mod backoff;
 pub mod digest;
 pub mod event;
 pub mod policy;
 pub mod tenancy;
 pub mod verdict;
 
+pub use backoff::Backoff;
 pub use digest::{ParseSha256Error, Sha256, Sha256Hasher};
 pub use event::{AccessContext, AccessRecord, DEFAULT_TENANT, DecidedBy};
 pub use policy::{Action, FailMode, Policy};
