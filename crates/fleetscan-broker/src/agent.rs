@@ -43,8 +43,9 @@ use tracing::{debug, info, warn};
 use crate::cache::IdentityId;
 use crate::content::{AgentLink, ContentEvent, ContentSource};
 use crate::decide::{self, Decided, Resolution};
-use crate::engine::{Engine, Pending, PoolLookup, SessionInfo, stopped, tenant_or_default};
+use crate::engine::{Engine, Pending, PoolLookup, SessionInfo, tenant_or_default};
 use crate::error::BrokerError;
+use crate::shutdown::Shutdown;
 use crate::stats::{add, bump};
 use crate::writer::{HostSeen, WriteOp};
 
@@ -79,6 +80,7 @@ pub type SessionStream = Pin<Box<dyn Stream<Item = Result<v1::BrokerMessage, Sta
 
 pub struct AgentSvc {
     pub engine: Arc<Engine>,
+    pub shutdown: Shutdown,
 }
 
 struct Session {
@@ -182,9 +184,14 @@ impl v1::agent_service_server::AgentService for AgentSvc {
         );
         session.host_seen(&engine);
         info!(node = %session.node, tenant = %session.tenant, cluster = %session.cluster, agent_version = %session.agent_version, "agent connected");
-        let stop = engine.stop.clone();
-        let outbound = outbound(accepted, rx, generation, stop.clone());
-        tokio::spawn(read_loop(engine, session, inbound, policies, stop));
+        let outbound = outbound(accepted, rx, generation, self.shutdown.clone());
+        tokio::spawn(read_loop(
+            engine,
+            session,
+            inbound,
+            policies,
+            self.shutdown.clone(),
+        ));
         Ok(Response::new(outbound))
     }
 }
@@ -206,7 +213,7 @@ fn outbound(
     accepted: v1::BrokerMessage,
     mut rx: mpsc::Receiver<Result<v1::BrokerMessage, Status>>,
     mut generation: watch::Receiver<u64>,
-    mut stop: watch::Receiver<bool>,
+    mut shutdown: Shutdown,
 ) -> SessionStream {
     Box::pin(async_stream::stream! {
         yield Ok(accepted);
@@ -215,7 +222,7 @@ fn outbound(
         loop {
             tokio::select! {
                 biased;
-                () = stopped(&mut stop) => break,
+                () = shutdown.recv() => break,
                 // Before decisions: a decision made under new rules must not overtake the flush.
                 changed = generation.changed() => {
                     if changed.is_err() {
@@ -251,7 +258,7 @@ fn outbound(
                         yielded += 1;
                         if yielded == OUTBOUND_BATCH
                             || generation.has_changed().unwrap_or(true)
-                            || *stop.borrow()
+                            || shutdown.is_shutdown()
                         {
                             break;
                         }
@@ -279,13 +286,13 @@ async fn read_loop(
     session: Arc<Session>,
     mut inbound: Streaming<v1::AgentMessage>,
     mut policies: watch::Receiver<Arc<Tenancy>>,
-    mut stop: watch::Receiver<bool>,
+    mut shutdown: Shutdown,
 ) {
     let mut host_tick = tokio::time::interval_at(Instant::now() + HOST_PERIOD, HOST_PERIOD);
     loop {
         tokio::select! {
             biased;
-            () = stopped(&mut stop) => break,
+            () = shutdown.recv() => break,
             _ = session.link.tx.closed() => break,
             changed = policies.changed() => {
                 if changed.is_err() {
@@ -903,7 +910,7 @@ mod tests {
         use tokio_stream::StreamExt;
 
         let (generation_tx, generation) = watch::channel(1u64);
-        let (_stop_tx, stop) = watch::channel(false);
+        let (_signal, shutdown) = crate::shutdown::channel();
         let (tx, rx) = mpsc::channel(4);
         let accepted = v1::BrokerMessage {
             msg: Some(broker_message::Msg::Accepted(v1::SessionAccepted::default())),
@@ -915,7 +922,7 @@ mod tests {
         }))
         .await
         .unwrap();
-        let mut stream = outbound(accepted, rx, generation, stop);
+        let mut stream = outbound(accepted, rx, generation, shutdown);
         let first = stream.next().await.unwrap().unwrap();
         assert!(
             matches!(first.msg, Some(broker_message::Msg::Accepted(_))),
@@ -935,7 +942,7 @@ mod tests {
         use tokio_stream::StreamExt;
 
         let (generation_tx, generation) = watch::channel(1u64);
-        let (_stop_tx, stop) = watch::channel(false);
+        let (_signal, shutdown) = crate::shutdown::channel();
         let (tx, rx) = mpsc::channel(8);
         let accepted = v1::BrokerMessage {
             msg: Some(broker_message::Msg::Accepted(v1::SessionAccepted::default())),
@@ -948,7 +955,7 @@ mod tests {
                 })),
             })
         };
-        let mut stream = outbound(accepted, rx, generation, stop);
+        let mut stream = outbound(accepted, rx, generation, shutdown);
         stream.next().await.unwrap().unwrap();
         for id in 1..=3 {
             tx.send(decision(id)).await.unwrap();

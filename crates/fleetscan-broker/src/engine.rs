@@ -120,8 +120,6 @@ pub struct Engine {
     pub generation: watch::Sender<u64>,
     pub sessions: Mutex<HashMap<u64, SessionInfo>>,
     content_budget: Arc<Semaphore>,
-    /// Turns true when the broker shuts down; long-lived streams end on it.
-    pub stop: watch::Receiver<bool>,
     /// What a store this broker owns alone (SQLite) may hold, so that a miss on new content
     /// skips the look-up; `None` on Postgres, which other brokers write to.
     pub stored_contents: Option<Arc<StoredContents>>,
@@ -133,7 +131,6 @@ impl Engine {
         config: BrokerConfig,
         store: Store,
         writer: WriteBehind,
-        stop: watch::Receiver<bool>,
     ) -> Result<Self, BrokerError> {
         let tenancy = Tenancy::new(&config.policy, &config.tenancy)
             .map_err(|e| BrokerError::InvalidArgument(format!("tenancy configuration: {e}")))?;
@@ -162,7 +159,6 @@ impl Engine {
             generation: watch::channel(first_generation).0,
             sessions: Mutex::new(HashMap::new()),
             content_budget: Arc::new(Semaphore::new(CONTENT_BUDGET_KIB as usize)),
-            stop,
             tenancy: watch::channel(Arc::new(tenancy)).0,
             stored_contents,
         })
@@ -739,12 +735,6 @@ pub fn tenant_or_default(tenant: &str) -> String {
     }
 }
 
-/// Resolves once the broker is shutting down (or is gone).
-pub async fn stopped(stop: &mut watch::Receiver<bool>) {
-    // The guard `wait_for` returns is not `Send`: drop it here, not in the caller's select.
-    let _ = stop.wait_for(|s| *s).await.map(|_| ());
-}
-
 #[cfg(test)]
 mod tests {
     use fleetscan_store::PoolIdentity;
@@ -777,8 +767,7 @@ mod tests {
     async fn engine() -> Arc<Engine> {
         let store = Store::connect("sqlite::memory:").await.unwrap();
         let (writer, _queue) = write_behind(16);
-        let (_stop, stop) = watch::channel(false);
-        Arc::new(Engine::new(BrokerConfig::default(), store, writer, stop).unwrap())
+        Arc::new(Engine::new(BrokerConfig::default(), store, writer).unwrap())
     }
 
     #[tokio::test]

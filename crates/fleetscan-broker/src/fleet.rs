@@ -29,6 +29,8 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::shutdown::Shutdown;
+
 /// The longest a store call on the decision path may take before the broker goes on without it.
 pub const STORE_CALL_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often a broker waiting on another's claim looks at the store even without a notice.
@@ -193,7 +195,7 @@ impl Fleet {
     pub fn spawn(
         self: &Arc<Self>,
         apply: impl Fn(fleetscan_store::FleetState) + Send + Sync + 'static,
-        mut stop: tokio::sync::watch::Receiver<bool>,
+        mut shutdown: Shutdown,
     ) -> JoinHandle<()> {
         let fleet = self.clone();
         tokio::spawn(async move {
@@ -205,7 +207,7 @@ impl Fleet {
             probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = crate::engine::stopped(&mut stop) => break,
+                    () = shutdown.recv() => break,
                     _ = sync.tick() => {}
                     () = fleet.sync_now.notified() => {}
                     _ = probe.tick() => {

@@ -25,6 +25,7 @@ pub mod flight;
 pub mod queue;
 pub mod scan;
 pub mod scheduler;
+pub mod shutdown;
 pub mod stats;
 mod store_sink;
 pub mod stored;
@@ -42,7 +43,6 @@ use fleetscan_proto::v1::worker_service_server::WorkerServiceServer;
 use fleetscan_proto::{FILE_DESCRIPTOR_SET, MAX_MESSAGE_SIZE};
 use fleetscan_store::Store;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tracing::{info, warn};
 
 pub use config::BrokerConfig;
@@ -52,6 +52,7 @@ use crate::admin::AdminSvc;
 use crate::agent::AgentSvc;
 use crate::engine::Engine;
 use crate::scan::ScanSvc;
+use crate::shutdown::Signal;
 use crate::worker::WorkerSvc;
 use crate::writer::{WriteQueue, spawn_writer, write_behind};
 
@@ -66,7 +67,7 @@ const KEEPALIVE: Duration = Duration::from_secs(20);
 pub struct Broker {
     engine: Arc<Engine>,
     queue: WriteQueue,
-    stop: watch::Sender<bool>,
+    stop: Signal,
 }
 
 /// The largest HTTP/2 frame the broker accepts (a 1 MiB content chunk and its framing).
@@ -80,8 +81,8 @@ impl Broker {
     pub async fn new(config: BrokerConfig) -> Result<Broker, BrokerError> {
         let store = Store::connect(&config.store_url).await?;
         let (writer, queue) = write_behind(config.write_queue);
-        let (stop, stop_rx) = watch::channel(false);
-        let engine = Arc::new(Engine::new(config, store, writer, stop_rx)?);
+        let (stop, _) = shutdown::channel();
+        let engine = Arc::new(Engine::new(config, store, writer)?);
         // The fleet's generation and pool identities before the first agent is served, so that
         // agents moving here from another replica keep their caches.
         let fleet = engine.store.fleet_state().await?;
@@ -126,11 +127,13 @@ impl Broker {
 
         let agent = AgentServiceServer::new(AgentSvc {
             engine: engine.clone(),
+            shutdown: stop.subscribe(),
         })
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_MESSAGE_SIZE);
         let worker = WorkerServiceServer::new(WorkerSvc {
             engine: engine.clone(),
+            shutdown: stop.subscribe(),
         })
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_MESSAGE_SIZE);
@@ -179,7 +182,7 @@ impl Broker {
             .add_service(scan)
             .add_service(admin)
             .serve_with_incoming_shutdown(incoming, async move {
-                let _ = stopped.wait_for(|s| *s).await;
+                stopped.recv().await;
             });
         let mut server = tokio::spawn(server);
         info!(broker_id = %engine.config.broker_id, address = ?address, "broker serving");
@@ -189,7 +192,7 @@ impl Broker {
             () = shutdown => None,
         };
         // Ends every long-lived stream, so that the graceful shutdown can complete.
-        stop.send_replace(true);
+        stop.shutdown();
         let result = match result {
             Some(finished) => finished
                 .map_err(BrokerError::from)

@@ -13,16 +13,17 @@ use std::time::Duration;
 use fleetscan_core::{ScannerIdentity, now_unix_ms};
 use fleetscan_proto::v1::{self, worker_command, worker_message};
 use fleetscan_proto::{CHUNK_SIZE, convert};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::agent::{HEARTBEAT_PERIOD, first_message};
-use crate::engine::{Engine, stopped};
+use crate::engine::Engine;
 use crate::error::BrokerError;
 use crate::scheduler::{Attach, ToWorker, WORKER_CHANNEL, WorkerId, WorkerReport};
+use crate::shutdown::Shutdown;
 
 /// A worker silent for this long is gone (the protocol's heartbeat rule).
 pub const WORKER_SILENCE: Duration = Duration::from_secs(30);
@@ -34,6 +35,7 @@ pub type AttachStream = Pin<Box<dyn Stream<Item = Result<v1::WorkerCommand, Stat
 
 pub struct WorkerSvc {
     pub engine: Arc<Engine>,
+    pub shutdown: Shutdown,
 }
 
 #[tonic::async_trait]
@@ -87,10 +89,20 @@ impl v1::worker_service_server::WorkerService for WorkerSvc {
                 chunk_size: CHUNK_SIZE as u32,
             })),
         };
-        let stop = engine.stop.clone();
         let deadline_ms = u32::try_from(engine.config.job_deadline.as_millis()).unwrap_or(u32::MAX);
-        tokio::spawn(read_loop(engine, worker, attach, inbound, stop.clone()));
-        Ok(Response::new(outbound(registered, rx, stop, deadline_ms)))
+        tokio::spawn(read_loop(
+            engine,
+            worker,
+            attach,
+            inbound,
+            self.shutdown.clone(),
+        ));
+        Ok(Response::new(outbound(
+            registered,
+            rx,
+            self.shutdown.clone(),
+            deadline_ms,
+        )))
     }
 }
 
@@ -99,7 +111,7 @@ impl v1::worker_service_server::WorkerService for WorkerSvc {
 fn outbound(
     registered: v1::WorkerCommand,
     mut rx: mpsc::Receiver<ToWorker>,
-    mut stop: watch::Receiver<bool>,
+    mut shutdown: Shutdown,
     deadline_ms: u32,
 ) -> AttachStream {
     Box::pin(async_stream::stream! {
@@ -109,7 +121,7 @@ fn outbound(
         loop {
             tokio::select! {
                 biased;
-                () = stopped(&mut stop) => break,
+                () = shutdown.recv() => break,
                 command = rx.recv() => match command {
                     None => break,
                     Some(ToWorker::Cancel { job_id, reason }) => yield Ok(v1::WorkerCommand {
@@ -166,7 +178,7 @@ async fn read_loop(
     worker: WorkerId,
     attach: Attach,
     mut inbound: Streaming<v1::WorkerMessage>,
-    mut stop: watch::Receiver<bool>,
+    mut shutdown: Shutdown,
 ) {
     let mut identity = attach.identity.clone();
     // Silence is checked on a coarse timer rather than with a timeout per message: a timer
@@ -177,7 +189,7 @@ async fn read_loop(
     loop {
         let message = tokio::select! {
             biased;
-            () = stopped(&mut stop) => break,
+            () = shutdown.recv() => break,
             message = inbound.message() => message,
             _ = silence.tick() => {
                 if last_heard.elapsed() >= WORKER_SILENCE {

@@ -5,8 +5,9 @@
 //! record in a bounded queue, or — when the queue is full — drops it and counts the loss
 //! (`records_lost`, logged). One writer task drains the queue in batches (up to
 //! [`MAX_BATCH`] records or [`LINGER`]) into a [`Sink`] (the store). On a store error it keeps
-//! the batch and retries with backoff, resuming where the batch stopped, so nothing is lost while
-//! the queue has room. On shutdown the queue is closed and drained within a deadline; whatever is
+//! the batch and retries with [`Backoff`] (from 50 ms, doubling up to 5 s, jittered, back to
+//! the floor once a batch is done with), resuming where the batch stopped, so nothing is lost
+//! while the queue has room. On shutdown the queue is closed and drained within a deadline; whatever is
 //! left then is counted as lost and logged. Never lose a record silently.
 
 use std::collections::{BTreeMap, HashMap};
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use fleetscan_core::{AccessRecord, Verdict, now_unix_ms};
+use fleetscan_core::{AccessRecord, Backoff, Verdict, now_unix_ms};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
@@ -27,6 +28,7 @@ use tracing::{error, info, warn};
 pub const MAX_BATCH: usize = 10_000;
 /// How long the writer waits for more records before writing a partial batch.
 pub const LINGER: Duration = Duration::from_millis(50);
+/// The first wait before a failed batch is tried again; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Tries of a batch that fails with a non-retryable error before it is given up (and counted).
@@ -207,6 +209,8 @@ pub fn spawn_writer<S: Sink>(queue: WriteQueue, sink: S) -> WriterHandle {
         shared: queue.shared,
         sink,
         phase: phase_rx,
+        // Reset by hand once a batch is done with (see `Writer::write`), not by time.
+        backoff: Backoff::new(FIRST_BACKOFF, MAX_BACKOFF, Duration::MAX),
     };
     WriterHandle {
         phase,
@@ -298,6 +302,7 @@ struct Writer<S> {
     shared: Arc<Shared>,
     sink: S,
     phase: watch::Receiver<Phase>,
+    backoff: Backoff,
 }
 
 impl<S: Sink> Writer<S> {
@@ -356,7 +361,14 @@ impl<S: Sink> Writer<S> {
 
     /// Writes the batch, retrying store errors with backoff. Returns false when aborted.
     async fn write(&mut self, batch: &mut Batch) -> bool {
-        let mut backoff = FIRST_BACKOFF;
+        let done = self.write_until_done(batch).await;
+        // The next batch starts from the floor again: only a store that keeps failing backs
+        // off further.
+        self.backoff.reset();
+        done
+    }
+
+    async fn write_until_done(&mut self, batch: &mut Batch) -> bool {
         let mut permanent_failures = 0;
         loop {
             self.shared
@@ -382,14 +394,14 @@ impl<S: Sink> Writer<S> {
                     warn!(error = %e, pending = batch.pending(), "store write failed; retrying");
                 }
                 Err(e) => {
-                    warn!(error = %e, pending = batch.pending(), backoff_ms = backoff.as_millis() as u64, "store unavailable; retrying");
+                    warn!(error = %e, pending = batch.pending(), "store unavailable; retrying");
                 }
             }
+            let delay = self.backoff.next_delay();
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(delay) => {}
                 _ = self.phase.wait_for(|p| *p == Phase::Abort) => return false,
             }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 }
