@@ -21,6 +21,27 @@ pub fn sha256(field: &'static str, s: &str) -> Result<core::Sha256, ConvertError
     s.parse().map_err(|_| ConvertError::BadSha256(field))
 }
 
+/// A digest in canonical form (64 lower-case hex digits, what agents send), else `None` (then
+/// [`sha256`] decides, and accepts upper case too). Cheap enough for every request.
+pub fn canonical_sha256(hex: &str) -> Option<core::Sha256> {
+    fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        }
+    }
+    let bytes = hex.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (byte, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+    }
+    Some(core::Sha256(out))
+}
+
 pub fn verdict_kind_to_proto(kind: core::VerdictKind) -> v1::VerdictResult {
     match kind {
         core::VerdictKind::Clean => v1::VerdictResult::Clean,
@@ -69,9 +90,46 @@ pub fn access_kind_to_proto(kind: core::AccessKind) -> v1::AccessKind {
 
 /// Unknown kinds are treated as plain opens.
 pub fn access_kind_from_proto(raw: i32) -> core::AccessKind {
+    access_kind_known(raw).unwrap_or(core::AccessKind::Open)
+}
+
+/// `None` for unspecified or unknown kinds; the caller decides the fallback (a policy that lets
+/// plain opens through must treat them as execs).
+pub fn access_kind_known(raw: i32) -> Option<core::AccessKind> {
     match v1::AccessKind::try_from(raw) {
-        Ok(v1::AccessKind::Exec) => core::AccessKind::Exec,
-        _ => core::AccessKind::Open,
+        Ok(v1::AccessKind::Open) => Some(core::AccessKind::Open),
+        Ok(v1::AccessKind::Exec) => Some(core::AccessKind::Exec),
+        Ok(v1::AccessKind::Unspecified) | Err(_) => None,
+    }
+}
+
+/// Who decided an access the agent reports, from its local reason. An unknown reason (a newer
+/// agent) is the agent's cache, the commonest local decision.
+pub fn local_reason_from_proto(raw: i32) -> core::DecidedBy {
+    match v1::LocalReason::try_from(raw) {
+        Ok(v1::LocalReason::Deadline) => core::DecidedBy::AgentDeadline,
+        Ok(v1::LocalReason::Oversize) => core::DecidedBy::AgentOversize,
+        Ok(v1::LocalReason::Unreadable) => core::DecidedBy::AgentUnreadable,
+        Ok(v1::LocalReason::NoBroker) => core::DecidedBy::AgentNoBroker,
+        Ok(v1::LocalReason::Cached | v1::LocalReason::Unspecified) | Err(_) => {
+            core::DecidedBy::AgentCache
+        }
+    }
+}
+
+impl From<v1::Subject> for core::AccessContext {
+    /// What a record keeps of an access's origin besides pid, uid, executable and the tenant the
+    /// agent read (take those first); `host_path` is left empty, the access's own.
+    fn from(s: v1::Subject) -> Self {
+        core::AccessContext {
+            ns_pid: s.ns_pid,
+            cgroup: s.cgroup,
+            container_id: s.container_id,
+            pod_uid: s.pod_uid,
+            namespace: s.k8s_namespace,
+            image: s.image,
+            host_path: String::new(),
+        }
     }
 }
 
@@ -114,15 +172,21 @@ impl From<v1::ScannerIdentity> for core::ScannerIdentity {
 
 impl From<&core::Verdict> for v1::Verdict {
     fn from(v: &core::Verdict) -> Self {
-        v1::Verdict {
-            sha256: v.sha256.to_hex(),
-            scanner: Some((&v.scanner).into()),
-            result: verdict_kind_to_proto(v.kind).into(),
-            threat_name: v.threat_name.clone().unwrap_or_default(),
-            detail: v.detail.clone().unwrap_or_default(),
-            scanned_at_unix_ms: v.scanned_at_unix_ms,
-            scan_micros: v.scan_micros,
-        }
+        verdict_to_proto(v, v.sha256.to_hex())
+    }
+}
+
+/// The verdict on the wire, with its digest already in hex (e.g. the request's own, echoed).
+/// Every field is named, so that a new field of the message cannot be forgotten here.
+pub fn verdict_to_proto(v: &core::Verdict, sha256_hex: String) -> v1::Verdict {
+    v1::Verdict {
+        sha256: sha256_hex,
+        scanner: Some((&v.scanner).into()),
+        result: verdict_kind_to_proto(v.kind).into(),
+        threat_name: v.threat_name.clone().unwrap_or_default(),
+        detail: v.detail.clone().unwrap_or_default(),
+        scanned_at_unix_ms: v.scanned_at_unix_ms,
+        scan_micros: v.scan_micros,
     }
 }
 
@@ -265,6 +329,46 @@ mod tests {
         assert_eq!(verdict_kind_from_proto(99), core::VerdictKind::Error);
         assert_eq!(verdict_kind_from_proto(0), core::VerdictKind::Error);
         assert_eq!(verdict_kind_from_proto(1), core::VerdictKind::Clean);
+    }
+
+    #[test]
+    fn canonical_digests_parse_like_the_general_parser() {
+        for content in [&b""[..], b"x", b"fleetscan"] {
+            let digest = core::Sha256::of(content);
+            let hex = digest.to_hex();
+            assert_eq!(canonical_sha256(&hex), Some(digest));
+            // Upper case is valid but not canonical: the general parser takes it, and the
+            // broker's decision then carries the digest re-formatted.
+            assert_eq!(canonical_sha256(&hex.to_uppercase()), None);
+            assert_eq!(sha256("sha256", &hex.to_uppercase()).ok(), Some(digest));
+        }
+        let hex = core::Sha256::of(b"x").to_hex();
+        assert_eq!(canonical_sha256(&hex[..63]), None);
+        assert_eq!(canonical_sha256(&format!("{hex}0")), None);
+        assert_eq!(canonical_sha256(&format!("g{}", &hex[1..])), None);
+        assert_eq!(canonical_sha256(&format!("é{}", &hex[2..])), None);
+    }
+
+    #[test]
+    fn local_reasons_map_to_who_decided() {
+        assert_eq!(
+            local_reason_from_proto(v1::LocalReason::Deadline as i32),
+            core::DecidedBy::AgentDeadline
+        );
+        assert_eq!(
+            local_reason_from_proto(v1::LocalReason::NoBroker as i32),
+            core::DecidedBy::AgentNoBroker
+        );
+        assert_eq!(local_reason_from_proto(99), core::DecidedBy::AgentCache);
+    }
+
+    #[test]
+    fn unknown_access_kinds_are_not_guessed() {
+        assert_eq!(access_kind_known(1), Some(core::AccessKind::Open));
+        assert_eq!(access_kind_known(2), Some(core::AccessKind::Exec));
+        assert_eq!(access_kind_known(0), None);
+        assert_eq!(access_kind_known(99), None);
+        assert_eq!(access_kind_from_proto(99), core::AccessKind::Open);
     }
 
     #[test]
