@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bytes::{Bytes, BytesMut};
 use clap::Args;
-use fleetscan_broker::writer::LINGER;
+use fleetscan_broker::engine::writer::LINGER;
 use fleetscan_broker::{Broker, BrokerConfig};
 use fleetscan_core::ScannerIdentity;
 use fleetscan_proto::MAX_MESSAGE_SIZE;
@@ -228,7 +228,7 @@ async fn jobs_async(a: &JobsArgs) -> anyhow::Result<()> {
     .await?;
     let stats = fleetscan_testkit::stats(&url).await;
     let lookups_skipped = engine
-        .stats
+        .stats()
         .store_lookups_skipped
         .load(std::sync::atomic::Ordering::Relaxed);
 
@@ -492,7 +492,7 @@ async fn settled(
     engine: &fleetscan_broker::engine::Engine,
     row: impl Future<Output = anyhow::Result<Row>>,
 ) -> anyhow::Result<Row> {
-    let lost = engine.writer.records_lost();
+    let lost = engine.records_lost();
     let row = row.await?;
     Ok(settle(engine, row, lost).await)
 }
@@ -508,18 +508,18 @@ async fn settle(engine: &fleetscan_broker::engine::Engine, mut row: Row, lost_be
     // empty backlog counts only when it is still empty a linger later.
     let mut empty_since: Option<Instant> = None;
     while start.elapsed() < DRAIN_LIMIT {
-        if engine.writer.backlog() > 0 {
+        if engine.write_backlog() > 0 {
             empty_since = None;
         } else if empty_since.get_or_insert_with(Instant::now).elapsed() > LINGER {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    if engine.writer.backlog() > 0 {
+    if engine.write_backlog() > 0 {
         eprintln!(
             "{}: {} records still unwritten after {} s",
             row.name,
-            engine.writer.backlog(),
+            engine.write_backlog(),
             DRAIN_LIMIT.as_secs()
         );
     }
@@ -529,7 +529,7 @@ async fn settle(engine: &fleetscan_broker::engine::Engine, mut row: Row, lost_be
         .cpu
         .zip(process_cpu().zip(cpu_before))
         .map(|(cpu, (after, before))| cpu + after.saturating_sub(before));
-    row.lost = engine.writer.records_lost() - lost_before;
+    row.lost = engine.records_lost() - lost_before;
     row
 }
 
@@ -558,11 +558,10 @@ async fn drive_engine(
     duration: Duration,
     row: u32,
 ) -> anyhow::Result<Row> {
-    use fleetscan_broker::content::ContentSource;
-    use fleetscan_broker::decide::Resolution;
-    use fleetscan_broker::engine::{DEFAULT_POOL, Lookup, Pending};
+    use fleetscan_broker::engine::content::ContentSource;
+    use fleetscan_broker::engine::{DEFAULT_POOL, Lookup, Pending, Resolution};
 
-    let scan_deadline = engine.config.scan_deadline;
+    let scan_deadline = engine.config().scan_deadline;
     run_clients(name, size, concurrency, duration, row, |_| {
         let engine = engine.clone();
         move |data: Bytes| {

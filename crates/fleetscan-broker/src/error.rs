@@ -7,6 +7,9 @@ use tonic::Status;
 pub enum BrokerError {
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// The store was not asked: it is marked unavailable, or the call timed out.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     /// The peer broke the protocol (e.g. a stream not starting with its hello).
@@ -28,6 +31,7 @@ impl From<BrokerError> for Status {
         match e {
             BrokerError::Store(s) if s.is_unavailable() => Status::unavailable(message),
             BrokerError::Store(_) => Status::internal(message),
+            BrokerError::Unavailable(_) => Status::unavailable(message),
             BrokerError::InvalidArgument(_) | BrokerError::Protocol(_) => {
                 Status::invalid_argument(message)
             }
@@ -61,6 +65,10 @@ mod tests {
         assert_eq!(
             Status::from(BrokerError::Timeout("no hello")).code(),
             Code::DeadlineExceeded
+        );
+        assert_eq!(
+            Status::from(BrokerError::Unavailable("store call timed out".into())).code(),
+            Code::Unavailable
         );
     }
 }

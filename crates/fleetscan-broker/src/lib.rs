@@ -7,30 +7,23 @@
 //! by one scan per content (single-flight) on the pool's workers; verdicts and access records
 //! are written behind the decisions, never on their path.
 //!
-//! Module map: [`engine`] holds the shared state and the verdict path; [`agent`], [`worker`],
-//! [`scan`] and [`admin`] are the gRPC edges (the only modules that know protocol types, with
-//! [`content`]); [`cache`], [`flight`], [`queue`], [`decide`] and [`scheduler`] are pure logic;
-//! [`writer`] is the write-behind queue; [`error`] maps errors to statuses in one place.
+//! Three layers, each using only the ones beneath it:
+//! - [`services`]: the gRPC services, the only code that sees protocol types: each handler
+//!   converts, asks the layer below, converts back; stream mechanics live there too;
+//! - [`access`], where an access (and a voluntary scan) is decided, and [`admin`], the
+//!   protocol-free admin views;
+//! - [`engine`]: what the broker knows and can find out about contents (cache, store, flights,
+//!   jobs, the fleet, the write-behind queue), behind methods named by intent.
+//!
+//! Beside them: [`config`], [`error`] (the one place errors become statuses) and [`shutdown`].
 
+pub mod access;
 pub mod admin;
-pub mod agent;
-pub mod cache;
 pub mod config;
-pub mod content;
-pub mod decide;
 pub mod engine;
 pub mod error;
-pub mod fleet;
-pub mod flight;
-pub mod queue;
-pub mod scan;
-pub mod scheduler;
+pub mod services;
 pub mod shutdown;
-pub mod stats;
-mod store_sink;
-pub mod stored;
-pub mod worker;
-pub mod writer;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -48,13 +41,14 @@ use tracing::{info, warn};
 pub use config::BrokerConfig;
 pub use error::BrokerError;
 
-use crate::admin::AdminSvc;
-use crate::agent::AgentSvc;
+use crate::admin::Views;
 use crate::engine::Engine;
-use crate::scan::ScanSvc;
+use crate::engine::writer::{WriteQueue, spawn_writer, write_behind};
+use crate::services::admin::AdminSvc;
+use crate::services::agent::AgentSvc;
+use crate::services::scan::ScanSvc;
+use crate::services::worker::WorkerSvc;
 use crate::shutdown::Signal;
-use crate::worker::WorkerSvc;
-use crate::writer::{WriteQueue, spawn_writer, write_behind};
 
 /// How long open streams get to end after shutdown before connections are dropped.
 const GRACE: Duration = Duration::from_secs(5);
@@ -66,6 +60,7 @@ const KEEPALIVE: Duration = Duration::from_secs(20);
 /// A broker, connected to its store, ready to serve.
 pub struct Broker {
     engine: Arc<Engine>,
+    store: Store,
     queue: WriteQueue,
     stop: Signal,
 }
@@ -82,18 +77,12 @@ impl Broker {
         let store = Store::connect(&config.store_url).await?;
         let (writer, queue) = write_behind(config.write_queue);
         let (stop, _) = shutdown::channel();
-        let engine = Arc::new(Engine::new(config, store, writer)?);
-        // The fleet's generation and pool identities before the first agent is served, so that
-        // agents moving here from another replica keep their caches.
-        let fleet = engine.store.fleet_state().await?;
-        engine.apply_fleet(&fleet);
-        // A SQLite store is this broker's alone: once what it holds is read, a new content's
-        // look-up (which must miss) is skipped.
-        if let Some(filter) = &engine.stored_contents {
-            tokio::spawn(stored::seed(filter.clone(), engine.store.clone()));
-        }
+        let engine = Arc::new(Engine::new(config, store.clone(), writer)?);
+        // Before the first agent is served.
+        engine.prepare().await?;
         Ok(Broker {
             engine,
+            store,
             queue,
             stop,
         })
@@ -114,39 +103,25 @@ impl Broker {
     ) -> Result<(), BrokerError> {
         let Broker {
             engine,
+            store,
             queue,
             stop,
         } = self;
-        let writer = spawn_writer(queue, engine.store.clone());
-        let fleet = {
-            let applier = engine.clone();
-            engine
-                .fleet
-                .spawn(move |state| applier.apply_fleet(&state), stop.subscribe())
-        };
+        let writer = spawn_writer(queue, store.clone());
+        let fleet = engine.spawn_fleet_sync(stop.subscribe());
 
-        let agent = AgentServiceServer::new(AgentSvc {
-            engine: engine.clone(),
-            shutdown: stop.subscribe(),
-        })
-        .max_decoding_message_size(MAX_MESSAGE_SIZE)
-        .max_encoding_message_size(MAX_MESSAGE_SIZE);
-        let worker = WorkerServiceServer::new(WorkerSvc {
-            engine: engine.clone(),
-            shutdown: stop.subscribe(),
-        })
-        .max_decoding_message_size(MAX_MESSAGE_SIZE)
-        .max_encoding_message_size(MAX_MESSAGE_SIZE);
-        let scan = ScanServiceServer::new(ScanSvc {
-            engine: engine.clone(),
-        })
-        .max_decoding_message_size(MAX_MESSAGE_SIZE)
-        .max_encoding_message_size(MAX_MESSAGE_SIZE);
-        let admin = AdminServiceServer::new(AdminSvc {
-            engine: engine.clone(),
-        })
-        .max_decoding_message_size(MAX_MESSAGE_SIZE)
-        .max_encoding_message_size(MAX_MESSAGE_SIZE);
+        let agent = AgentServiceServer::new(AgentSvc::new(engine.clone(), stop.subscribe()))
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE);
+        let worker = WorkerServiceServer::new(WorkerSvc::new(engine.clone(), stop.subscribe()))
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE);
+        let scan = ScanServiceServer::new(ScanSvc::new(engine.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE);
+        let admin = AdminServiceServer::new(AdminSvc::new(Views::new(engine.clone(), store)))
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE);
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<AgentServiceServer<AgentSvc>>().await;
@@ -185,7 +160,7 @@ impl Broker {
                 stopped.recv().await;
             });
         let mut server = tokio::spawn(server);
-        info!(broker_id = %engine.config.broker_id, address = ?address, "broker serving");
+        info!(broker_id = %engine.config().broker_id, address = ?address, "broker serving");
 
         let result = tokio::select! {
             finished = &mut server => Some(finished),

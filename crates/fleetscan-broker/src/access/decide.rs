@@ -1,12 +1,13 @@
-//! Policy glue: how the result of a verdict look-up or scan becomes a decision for one access.
+//! Policy glue: how what the engine found out about a content ([`Resolution`]) becomes a
+//! decision for one access or scan.
 //!
 //! Pure code over `fleetscan-core` types: no I/O, no protocol types. Whether a decision may be
 //! cached by the agent, for how long, and whether it must be recorded are decided here so that
 //! every service answers the same way.
 
-use std::sync::Arc;
+use fleetscan_core::{Action, Policy};
 
-use fleetscan_core::{Action, Policy, Verdict};
+use crate::engine::Resolution;
 
 /// How long an agent may keep a decision that rests on a conclusive verdict: 0, no time limit.
 /// Such a decision is right until the file changes (the agent keys it by dev, inode, ctime and
@@ -16,17 +17,6 @@ pub const VERDICT_TTL_SECONDS: u32 = 0;
 
 /// How long an agent may keep an oversize decision: short, since the policy may change.
 pub const OVERSIZE_TTL_SECONDS: u32 = 600;
-
-/// What the broker found out about one content.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Resolution {
-    /// A verdict of the pool's scanner (conclusive, or an error after the last try).
-    Verdict(Arc<Verdict>),
-    /// The content is larger than the policy's maximum and was not scanned.
-    Oversize(u64),
-    /// No verdict could be had; the reason says why.
-    Failed(String),
-}
 
 /// A decision for one access, before it is put on the wire.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -127,7 +117,9 @@ pub fn fail(policy: &Policy, why: impl Into<String>) -> Decided {
 
 #[cfg(test)]
 mod tests {
-    use fleetscan_core::{FailMode, ScannerIdentity, Sha256, VerdictKind};
+    use std::sync::Arc;
+
+    use fleetscan_core::{FailMode, ScannerIdentity, Sha256, Verdict, VerdictKind};
 
     use super::*;
 

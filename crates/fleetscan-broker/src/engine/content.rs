@@ -1,22 +1,24 @@
-//! Getting the content of a file to scan: from an agent that has it (ContentRequest, then its
-//! ContentChunks) or from bytes already in hand (ScanService).
+//! Getting the content of a file to scan: from an agent that has it (asked through its
+//! session, which then routes the agent's chunks here) or from bytes already in hand
+//! (ScanService).
 //!
 //! What an agent uploads is bounded by the size it declared (itself at most the policy's
 //! maximum, checked before asking), must arrive in order, and must hash to the SHA-256 it
 //! claimed; anything else fails this source and the caller tries another. Never trust an
-//! upload that was not verified, never buffer past the declared size.
+//! upload that was not verified, never buffer past the declared size. The session's stream is
+//! not known here: it is reached through [`AskContent`], which the agent service implements.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use fleetscan_core::{Sha256, Sha256Hasher};
-use fleetscan_proto::v1::{self, broker_message};
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
-use tonic::Status;
 
 /// Chunks buffered between an agent's stream reader and the fetch that consumes them; when
 /// full, the reader waits (backpressure on that agent's stream only).
@@ -33,11 +35,24 @@ pub enum ContentEvent {
     Unavailable(String),
 }
 
-/// The part of an agent session that content fetches use: its outbound stream and the fetches
-/// waiting for its chunks, by request id.
+/// The agent's session is gone: it can be asked nothing any more.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionGone;
+
+/// A future of [`AskContent::ask`].
+pub type Asking<'a> = Pin<Box<dyn Future<Output = Result<(), SessionGone>> + Send + 'a>>;
+
+/// How an agent is asked for content: its session sends the request on its stream.
+pub trait AskContent: Send + Sync + 'static {
+    /// Asks the agent for the content of its request `request_id`; waits while the session's
+    /// outbound queue is full.
+    fn ask(&self, request_id: u64) -> Asking<'_>;
+}
+
+/// The part of an agent session that content fetches use: the way to ask its agent for
+/// content, and the fetches waiting for its chunks, by request id.
 pub struct AgentLink {
-    pub node: String,
-    pub tx: mpsc::Sender<Result<v1::BrokerMessage, Status>>,
+    asker: Box<dyn AskContent>,
     pending: Mutex<HashMap<u64, mpsc::Sender<ContentEvent>>>,
     /// Set (under `pending`'s lock) when the session's reader ended: no chunk can come any more,
     /// so a fetch that starts later fails at once instead of stalling for its idle timeout.
@@ -45,10 +60,9 @@ pub struct AgentLink {
 }
 
 impl AgentLink {
-    pub fn new(node: String, tx: mpsc::Sender<Result<v1::BrokerMessage, Status>>) -> Self {
+    pub fn new(asker: impl AskContent) -> Self {
         AgentLink {
-            node,
-            tx,
+            asker: Box::new(asker),
             pending: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
         }
@@ -140,12 +154,7 @@ impl ContentSource {
             link: &link,
             request_id,
         };
-        let request = v1::BrokerMessage {
-            msg: Some(broker_message::Msg::ContentRequest(v1::ContentRequest {
-                request_id,
-            })),
-        };
-        match tokio::time::timeout(idle, link.tx.send(Ok(request))).await {
+        match tokio::time::timeout(idle, link.asker.ask(request_id)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err("agent disconnected".into()),
             Err(_) => return Err("agent stream congested".into()),
@@ -203,29 +212,28 @@ impl ContentSource {
 mod tests {
     use super::*;
 
-    fn new_link() -> (
-        Arc<AgentLink>,
-        mpsc::Receiver<Result<v1::BrokerMessage, Status>>,
-    ) {
-        let (tx, rx) = mpsc::channel(16);
-        (Arc::new(AgentLink::new("n1".into(), tx)), rx)
+    /// A session's outbound queue, as far as content is concerned: the request ids asked for.
+    struct Outbound(mpsc::Sender<u64>);
+
+    impl AskContent for Outbound {
+        fn ask(&self, request_id: u64) -> Asking<'_> {
+            Box::pin(async move { self.0.send(request_id).await.map_err(|_| SessionGone) })
+        }
     }
 
-    /// Answers the first ContentRequest on `rx` with `chunks`.
-    fn agent(
-        link: Arc<AgentLink>,
-        mut rx: mpsc::Receiver<Result<v1::BrokerMessage, Status>>,
-        chunks: Vec<ContentEvent>,
-    ) {
+    fn new_link() -> (Arc<AgentLink>, mpsc::Receiver<u64>) {
+        let (tx, rx) = mpsc::channel(16);
+        (Arc::new(AgentLink::new(Outbound(tx))), rx)
+    }
+
+    /// Answers the first content request on `rx` with `chunks`.
+    fn agent(link: Arc<AgentLink>, mut rx: mpsc::Receiver<u64>, chunks: Vec<ContentEvent>) {
         tokio::spawn(async move {
-            let Some(Ok(v1::BrokerMessage {
-                msg: Some(broker_message::Msg::ContentRequest(req)),
-            })) = rx.recv().await
-            else {
+            let Some(request_id) = rx.recv().await else {
                 panic!("expected a content request")
             };
             for chunk in chunks {
-                link.route(req.request_id, chunk).await;
+                link.route(request_id, chunk).await;
             }
             // Keep the session open until the test ends.
             std::future::pending::<()>().await;
@@ -336,7 +344,7 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::ZERO, "failed at once");
         assert!(
             rx.try_recv().is_err(),
-            "no ContentRequest to a closed session"
+            "no content request to a closed session"
         );
         assert!(link.pending.lock().is_empty(), "nothing registered");
     }

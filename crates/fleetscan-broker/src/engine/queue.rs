@@ -24,6 +24,7 @@ impl<T> FairQueue<T> {
         }
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.len
     }

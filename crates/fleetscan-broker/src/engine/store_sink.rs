@@ -6,7 +6,7 @@ use std::sync::Arc;
 use fleetscan_core::{AccessRecord, Verdict};
 use fleetscan_store::{Store, StoreError};
 
-use crate::writer::{HostSeen, Sink, SinkError};
+use super::writer::{HostSeen, Sink, SinkError};
 
 fn classify(e: StoreError) -> SinkError {
     SinkError {

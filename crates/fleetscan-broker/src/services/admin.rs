@@ -1,45 +1,41 @@
-//! `AdminService`: read-only views of recorded events, verdicts, hosts, workers and counters.
-//! Recorded events are those of the tenant the call names in its `fleetscan-tenant` metadata
-//! ([`TENANT_HEADER`]; the fleet operator's when absent); everything else is the operator's.
-//! Until callers are authenticated the header is trusted, as the whole API is. Never writes.
+//! `AdminService`: the admin views ([`crate::admin`]) over gRPC. Each handler finds who the call
+//! acts for, converts the request, asks the views and converts the answer.
+//!
+//! Who acts: `ListEvents` acts for the tenant its `fleetscan-tenant` metadata names
+//! ([`TENANT_HEADER`]; the fleet operator's when absent, refused when not a tenant name); every
+//! other call for the fleet operator. Until callers are authenticated the header is trusted, as
+//! the whole API is. Must never: write, or answer from anything but the views.
 
-use std::collections::HashSet;
-use std::sync::Arc;
-
-use fleetscan_core::{DEFAULT_TENANT, Sha256};
-use fleetscan_proto::{convert, v1};
-use fleetscan_store::{AccessFilter, MAX_LIST_LIMIT};
+use fleetscan_core::AccessRecord;
+use fleetscan_proto::{TENANT_HEADER, convert, v1};
 use tonic::{Request, Response, Status};
-use tracing::warn;
 
-use crate::engine::Engine;
+use crate::admin::{Acting, Counters, EventQuery, Host, Views};
+use crate::engine::scheduler::WorkerInfo;
 use crate::error::BrokerError;
-use crate::stats::get;
-
-/// The gRPC metadata key naming the tenant a call acts for.
-pub use fleetscan_proto::TENANT_HEADER;
-
-/// The tenant a call acts for: its [`TENANT_HEADER`], else the fleet operator's.
-fn acting_tenant<T>(request: &Request<T>) -> Result<String, BrokerError> {
-    let Some(v) = request.metadata().get(TENANT_HEADER) else {
-        return Ok(DEFAULT_TENANT.to_owned());
-    };
-    let t = v
-        .to_str()
-        .map_err(|_| BrokerError::InvalidArgument(format!("{TENANT_HEADER} is not text")))?;
-    fleetscan_core::tenancy::check_name("tenant", t)
-        .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
-    Ok(t.to_owned())
-}
-
-/// Events per page when the request does not say.
-const DEFAULT_PAGE: u32 = 100;
 
 pub struct AdminSvc {
-    pub engine: Arc<Engine>,
+    views: Views,
 }
 
-fn parse_sha256(s: &str) -> Result<Sha256, BrokerError> {
+impl AdminSvc {
+    pub fn new(views: Views) -> AdminSvc {
+        AdminSvc { views }
+    }
+}
+
+/// The tenant a call acts for: its [`TENANT_HEADER`], else the fleet operator.
+fn acting<T>(request: &Request<T>) -> Result<Acting, BrokerError> {
+    let Some(v) = request.metadata().get(TENANT_HEADER) else {
+        return Ok(Acting::operator());
+    };
+    let tenant = v
+        .to_str()
+        .map_err(|_| BrokerError::InvalidArgument(format!("{TENANT_HEADER} is not text")))?;
+    Acting::tenant(tenant)
+}
+
+fn parse_sha256(s: &str) -> Result<fleetscan_core::Sha256, BrokerError> {
     convert::sha256("sha256", s).map_err(|e| BrokerError::InvalidArgument(e.to_string()))
 }
 
@@ -49,15 +45,9 @@ impl v1::admin_service_server::AdminService for AdminSvc {
         &self,
         request: Request<v1::ListEventsRequest>,
     ) -> Result<Response<v1::ListEventsResponse>, Status> {
-        let tenant = acting_tenant(&request)?;
+        let acting = acting(&request)?;
         let r = request.into_inner();
-        let limit = if r.limit == 0 {
-            DEFAULT_PAGE
-        } else {
-            r.limit.min(MAX_LIST_LIMIT)
-        };
-        let filter = AccessFilter {
-            tenant,
+        let query = EventQuery {
             node: (!r.node.is_empty()).then_some(r.node),
             action: convert::action_from_proto(r.action),
             sha256: if r.sha256.is_empty() {
@@ -66,48 +56,12 @@ impl v1::admin_service_server::AdminService for AdminSvc {
                 Some(parse_sha256(&r.sha256)?)
             },
             before_id: (r.before_id > 0).then_some(r.before_id),
-            limit,
+            limit: r.limit,
         };
-        let rows = self
-            .engine
-            .store
-            .list_accesses(&filter)
-            .await
-            .map_err(BrokerError::from)?;
-        let next_before_id = if rows.len() == limit as usize {
-            rows.last().map_or(0, |(id, _)| *id)
-        } else {
-            0
-        };
-        let events = rows
-            .into_iter()
-            .map(|(id, a)| v1::AccessEvent {
-                id,
-                at_unix_ms: a.at_unix_ms,
-                node: a.node,
-                path: a.path,
-                kind: convert::access_kind_to_proto(a.kind).into(),
-                action: convert::action_to_proto(a.action).into(),
-                reason: a.reason,
-                sha256: a.sha256.map(|s| s.to_hex()).unwrap_or_default(),
-                threat_name: a.threat_name.unwrap_or_default(),
-                pid: a.pid,
-                uid: a.uid,
-                exe: a.exe,
-                decided_by: a.decided_by.as_str().to_owned(),
-                tenant: a.tenant,
-                ns_pid: a.context.ns_pid,
-                cgroup: a.context.cgroup,
-                container_id: a.context.container_id,
-                pod_uid: a.context.pod_uid,
-                k8s_namespace: a.context.namespace,
-                image: a.context.image,
-                host_path: a.context.host_path,
-            })
-            .collect();
+        let page = self.views.events(&acting, query).await?;
         Ok(Response::new(v1::ListEventsResponse {
-            events,
-            next_before_id,
+            events: page.events.into_iter().map(event).collect(),
+            next_before_id: page.next_before_id,
         }))
     }
 
@@ -116,12 +70,7 @@ impl v1::admin_service_server::AdminService for AdminSvc {
         request: Request<v1::GetVerdictsRequest>,
     ) -> Result<Response<v1::GetVerdictsResponse>, Status> {
         let sha256 = parse_sha256(&request.get_ref().sha256)?;
-        let verdicts = self
-            .engine
-            .store
-            .verdicts_for(&sha256)
-            .await
-            .map_err(BrokerError::from)?;
+        let verdicts = self.views.verdicts(&Acting::operator(), &sha256).await?;
         Ok(Response::new(v1::GetVerdictsResponse {
             verdicts: verdicts.iter().map(Into::into).collect(),
         }))
@@ -131,31 +80,9 @@ impl v1::admin_service_server::AdminService for AdminSvc {
         &self,
         _request: Request<v1::ListHostsRequest>,
     ) -> Result<Response<v1::ListHostsResponse>, Status> {
-        let hosts = self
-            .engine
-            .store
-            .list_hosts(DEFAULT_TENANT)
-            .await
-            .map_err(BrokerError::from)?;
-        let connected: HashSet<String> = self
-            .engine
-            .connected_nodes(DEFAULT_TENANT)
-            .into_iter()
-            .collect();
+        let hosts = self.views.hosts(&Acting::operator()).await?;
         Ok(Response::new(v1::ListHostsResponse {
-            hosts: hosts
-                .into_iter()
-                .map(|h| v1::Host {
-                    connected: connected.contains(&h.node),
-                    node: h.node,
-                    cluster: h.cluster,
-                    agent_version: h.agent_version,
-                    first_seen_unix_ms: h.first_seen_unix_ms,
-                    last_seen_unix_ms: h.last_seen_unix_ms,
-                    allowed_count: h.allowed_count,
-                    denied_count: h.denied_count,
-                })
-                .collect(),
+            hosts: hosts.into_iter().map(host).collect(),
         }))
     }
 
@@ -163,55 +90,90 @@ impl v1::admin_service_server::AdminService for AdminSvc {
         &self,
         _request: Request<v1::ListWorkersRequest>,
     ) -> Result<Response<v1::ListWorkersResponse>, Status> {
-        let workers = self
-            .engine
-            .scheduler
-            .workers()
-            .into_iter()
-            .map(|w| v1::Worker {
-                worker_name: w.attach.name,
-                scanner: Some((&w.attach.identity).into()),
-                pool: w.attach.pool,
-                tenants: w.attach.tenants,
-                credits: w.credits,
-                in_flight: w.in_flight,
-                jobs_done: w.jobs_done,
-                attached_at_unix_ms: w.attach.attached_at_unix_ms,
-            })
-            .collect();
-        Ok(Response::new(v1::ListWorkersResponse { workers }))
+        let workers = self.views.workers(&Acting::operator());
+        Ok(Response::new(v1::ListWorkersResponse {
+            workers: workers.into_iter().map(worker).collect(),
+        }))
     }
 
     async fn get_stats(
         &self,
         _request: Request<v1::GetStatsRequest>,
     ) -> Result<Response<v1::Stats>, Status> {
-        let engine = &self.engine;
-        // Counters stay useful while the store is down: stored totals then read as zero.
-        let stored = match engine.store.counts().await {
-            Ok(counts) => counts,
-            Err(e) => {
-                warn!(error = %e, "stored counts unavailable");
-                Default::default()
-            }
-        };
-        let s = &engine.stats;
-        Ok(Response::new(v1::Stats {
-            decisions: get(&s.decisions),
-            cache_hits: get(&s.cache_hits),
-            store_hits: get(&s.store_hits),
-            scans_started: get(&s.scans_started),
-            scans_deduplicated: get(&s.scans_deduplicated),
-            denied: get(&s.denied),
-            verdicts_stored: stored.verdicts,
-            events_stored: stored.accesses,
-            records_lost: engine.writer.records_lost(),
-            write_backlog: engine.writer.backlog(),
-            oversize: get(&s.oversize),
-            scan_errors: get(&s.scan_errors),
-            fail_mode_decisions: get(&s.fail_mode_decisions),
-            queue_rejected: get(&s.queue_rejected),
-            dropped_reports: get(&s.dropped_reports),
-        }))
+        let counters = self.views.counters(&Acting::operator()).await;
+        Ok(Response::new(stats(counters)))
+    }
+}
+
+fn event((id, a): (i64, AccessRecord)) -> v1::AccessEvent {
+    v1::AccessEvent {
+        id,
+        at_unix_ms: a.at_unix_ms,
+        node: a.node,
+        path: a.path,
+        kind: convert::access_kind_to_proto(a.kind).into(),
+        action: convert::action_to_proto(a.action).into(),
+        reason: a.reason,
+        sha256: a.sha256.map(|s| s.to_hex()).unwrap_or_default(),
+        threat_name: a.threat_name.unwrap_or_default(),
+        pid: a.pid,
+        uid: a.uid,
+        exe: a.exe,
+        decided_by: a.decided_by.as_str().to_owned(),
+        tenant: a.tenant,
+        ns_pid: a.context.ns_pid,
+        cgroup: a.context.cgroup,
+        container_id: a.context.container_id,
+        pod_uid: a.context.pod_uid,
+        k8s_namespace: a.context.namespace,
+        image: a.context.image,
+        host_path: a.context.host_path,
+    }
+}
+
+fn host(h: Host) -> v1::Host {
+    let Host { record, connected } = h;
+    v1::Host {
+        connected,
+        node: record.node,
+        cluster: record.cluster,
+        agent_version: record.agent_version,
+        first_seen_unix_ms: record.first_seen_unix_ms,
+        last_seen_unix_ms: record.last_seen_unix_ms,
+        allowed_count: record.allowed_count,
+        denied_count: record.denied_count,
+    }
+}
+
+fn worker(w: WorkerInfo) -> v1::Worker {
+    v1::Worker {
+        worker_name: w.attach.name,
+        scanner: Some((&w.attach.identity).into()),
+        pool: w.attach.pool,
+        tenants: w.attach.tenants,
+        credits: w.credits,
+        in_flight: w.in_flight,
+        jobs_done: w.jobs_done,
+        attached_at_unix_ms: w.attach.attached_at_unix_ms,
+    }
+}
+
+fn stats(c: Counters) -> v1::Stats {
+    v1::Stats {
+        decisions: c.decisions,
+        cache_hits: c.cache_hits,
+        store_hits: c.store_hits,
+        scans_started: c.scans_started,
+        scans_deduplicated: c.scans_deduplicated,
+        denied: c.denied,
+        verdicts_stored: c.stored.verdicts,
+        events_stored: c.stored.accesses,
+        records_lost: c.records_lost,
+        write_backlog: c.write_backlog,
+        oversize: c.oversize,
+        scan_errors: c.scan_errors,
+        fail_mode_decisions: c.fail_mode_decisions,
+        queue_rejected: c.queue_rejected,
+        dropped_reports: c.dropped_reports,
     }
 }

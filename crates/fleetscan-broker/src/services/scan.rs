@@ -1,68 +1,39 @@
-//! `ScanService`: voluntary scans for applications, through the same cache, single-flight and
-//! job path as agents' requests, bounded by `scan_deadline` and the policy's `max_file_size`.
-//! Scans are made for the default tenant until callers are authenticated.
+//! `ScanService`: voluntary scans for applications, decided by [`crate::access::scan`]. This
+//! module reads the request (a stream's chunks too, hashing as they come and keeping no more
+//! than the policy's maximum) and converts the answer. Must never: buffer past the maximum.
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
-use fleetscan_core::{DEFAULT_TENANT, Sha256, Sha256Hasher};
+use bytes::BytesMut;
+use fleetscan_core::{Sha256, Sha256Hasher};
 use fleetscan_proto::convert;
 use fleetscan_proto::v1;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::content::ContentSource;
-use crate::decide::{self, Resolution};
-use crate::engine::{DEFAULT_POOL, Engine, Lookup, Pending};
+use crate::access::scan::{self, Scanned};
+use crate::engine::Engine;
 use crate::error::BrokerError;
-use crate::stats::bump;
 
 pub struct ScanSvc {
-    pub engine: Arc<Engine>,
+    engine: Arc<Engine>,
 }
 
 impl ScanSvc {
-    async fn scan(&self, sha256: Sha256, content: Bytes, name: String) -> v1::ScanResponse {
-        let engine = &self.engine;
-        let (_, pending) = engine.resolve(Lookup {
-            sha256,
-            size: content.len() as u64,
-            tenant: DEFAULT_TENANT.to_owned(),
-            pool: DEFAULT_POOL,
-            path_hint: name,
-            source: ContentSource::Memory(content),
-        });
-        let resolution = match pending {
-            Pending::Ready(resolution) => resolution,
-            Pending::Wait(waiter) => {
-                match tokio::time::timeout(engine.config.scan_deadline, waiter.wait()).await {
-                    Ok(Some(resolution)) => resolution,
-                    Ok(None) => Resolution::Failed("scan abandoned".into()),
-                    Err(_) => Resolution::Failed("scan deadline exceeded".into()),
-                }
-            }
-        };
-        self.respond(sha256, &resolution)
+    pub fn new(engine: Arc<Engine>) -> ScanSvc {
+        ScanSvc { engine }
     }
+}
 
-    fn respond(&self, sha256: Sha256, resolution: &Resolution) -> v1::ScanResponse {
-        let decided = decide::decide(self.engine.policy(DEFAULT_TENANT), resolution);
-        if decided.fail_mode {
-            bump(&self.engine.stats.fail_mode_decisions);
-        }
-        if decided.oversize {
-            bump(&self.engine.stats.oversize);
-        }
-        let (verdicts, known) = match resolution {
-            Resolution::Verdict(v) => (vec![v.as_ref().into()], v.kind.is_conclusive()),
-            _ => (Vec::new(), false),
-        };
-        v1::ScanResponse {
-            sha256: sha256.to_hex(),
-            action: convert::action_to_proto(decided.action).into(),
-            reason: decided.reason,
-            verdicts,
-            known,
-        }
+fn response(scanned: Scanned) -> v1::ScanResponse {
+    v1::ScanResponse {
+        sha256: scanned.sha256.to_hex(),
+        action: convert::action_to_proto(scanned.action).into(),
+        reason: scanned.reason,
+        verdicts: scanned
+            .verdict
+            .map(|v| vec![v.as_ref().into()])
+            .unwrap_or_default(),
+        known: scanned.known,
     }
 }
 
@@ -73,16 +44,8 @@ impl v1::scan_service_server::ScanService for ScanSvc {
         request: Request<v1::ScanBytesRequest>,
     ) -> Result<Response<v1::ScanResponse>, Status> {
         let request = request.into_inner();
-        let sha256 = Sha256::of(&request.data);
-        let size = request.data.len() as u64;
-        if size > self.engine.policy(DEFAULT_TENANT).max_file_size {
-            return Ok(Response::new(
-                self.respond(sha256, &Resolution::Oversize(size)),
-            ));
-        }
-        Ok(Response::new(
-            self.scan(sha256, request.data, request.name).await,
-        ))
+        let scanned = scan::scan_bytes(&self.engine, request.data, request.name).await;
+        Ok(Response::new(response(scanned)))
     }
 
     async fn scan_stream(
@@ -90,8 +53,8 @@ impl v1::scan_service_server::ScanService for ScanSvc {
         request: Request<Streaming<v1::ScanStreamRequest>>,
     ) -> Result<Response<v1::ScanResponse>, Status> {
         let mut inbound = request.into_inner();
-        let max = self.engine.policy(DEFAULT_TENANT).max_file_size;
-        let deadline = tokio::time::Instant::now() + self.engine.config.scan_deadline;
+        let max = scan::max_size(&self.engine);
+        let deadline = tokio::time::Instant::now() + self.engine.config().scan_deadline;
         let mut content = BytesMut::new();
         let mut hasher = Sha256Hasher::new();
         let mut size = 0u64;
@@ -116,14 +79,12 @@ impl v1::scan_service_server::ScanService for ScanSvc {
             }
         }
         let sha256 = hasher.finish();
-        if size > max {
-            return Ok(Response::new(
-                self.respond(sha256, &Resolution::Oversize(size)),
-            ));
-        }
-        Ok(Response::new(
-            self.scan(sha256, content.freeze(), name).await,
-        ))
+        let scanned = if size > max {
+            scan::oversize(&self.engine, sha256, size)
+        } else {
+            scan::scan(&self.engine, sha256, content.freeze(), name).await
+        };
+        Ok(Response::new(response(scanned)))
     }
 
     async fn lookup(
@@ -132,38 +93,22 @@ impl v1::scan_service_server::ScanService for ScanSvc {
     ) -> Result<Response<v1::ScanResponse>, Status> {
         let sha256 = convert::sha256("sha256", &request.get_ref().sha256)
             .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
-        let engine = &self.engine;
-        let unknown = || v1::ScanResponse {
-            sha256: sha256.to_hex(),
-            action: v1::Action::Unspecified.into(),
-            reason: "no verdict of the current scanner".into(),
-            verdicts: Vec::new(),
-            known: false,
-        };
-        let Some(identity) = engine.current(DEFAULT_POOL) else {
-            return Ok(Response::new(unknown()));
-        };
-        let verdict = match engine.cache.get(&sha256, identity.id) {
-            Some(v) => {
-                bump(&engine.stats.cache_hits);
-                Some(v)
-            }
-            None => engine
-                .store
-                .find_verdict(&sha256, &identity.identity)
-                .await
-                .map_err(BrokerError::from)?
-                .filter(|v| v.kind.is_conclusive())
-                .map(|v| {
-                    bump(&engine.stats.store_hits);
-                    let v = Arc::new(v);
-                    engine.cache.insert(identity.id, v.clone());
-                    v
-                }),
-        };
-        Ok(Response::new(match verdict {
-            Some(v) => self.respond(sha256, &Resolution::Verdict(v)),
-            None => unknown(),
-        }))
+        Ok(Response::new(
+            match scan::lookup(&self.engine, sha256).await? {
+                Some(scanned) => response(scanned),
+                None => unknown(sha256),
+            },
+        ))
+    }
+}
+
+/// The answer to a look-up of content without a verdict of the current scanner.
+fn unknown(sha256: Sha256) -> v1::ScanResponse {
+    v1::ScanResponse {
+        sha256: sha256.to_hex(),
+        action: v1::Action::Unspecified.into(),
+        reason: "no verdict of the current scanner".into(),
+        verdicts: Vec::new(),
+        known: false,
     }
 }

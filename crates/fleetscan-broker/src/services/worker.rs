@@ -4,7 +4,9 @@
 //! many jobs (each a `Job` followed by its `JobChunk`s). Results are matched to the worker's own
 //! outstanding jobs; a result for any other job id is logged and ignored, an unknown result
 //! value is an error verdict (never clean), and neither ends the stream. A worker silent for
-//! 30 s is gone: its jobs are retried elsewhere.
+//! 30 s is gone: its jobs are retried elsewhere. The pools, credits and jobs are the engine's
+//! scheduler's; this module converts and keeps the stream. Must never: let a worker into a pool
+//! the tenancy does not route it to, or trust a result for a job it does not hold.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,10 +21,10 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use crate::agent::{HEARTBEAT_PERIOD, first_message};
 use crate::engine::Engine;
+use crate::engine::scheduler::{Attach, ToWorker, WORKER_CHANNEL, WorkerId, WorkerReport};
 use crate::error::BrokerError;
-use crate::scheduler::{Attach, ToWorker, WORKER_CHANNEL, WorkerId, WorkerReport};
+use crate::services::stream::{HEARTBEAT_PERIOD, first_message};
 use crate::shutdown::Shutdown;
 
 /// A worker silent for this long is gone (the protocol's heartbeat rule).
@@ -34,8 +36,14 @@ const SILENCE_CHECK: Duration = Duration::from_secs(1);
 pub type AttachStream = Pin<Box<dyn Stream<Item = Result<v1::WorkerCommand, Status>> + Send>>;
 
 pub struct WorkerSvc {
-    pub engine: Arc<Engine>,
-    pub shutdown: Shutdown,
+    engine: Arc<Engine>,
+    shutdown: Shutdown,
+}
+
+impl WorkerSvc {
+    pub fn new(engine: Arc<Engine>, shutdown: Shutdown) -> WorkerSvc {
+        WorkerSvc { engine, shutdown }
+    }
 }
 
 #[tonic::async_trait]
@@ -82,14 +90,15 @@ impl v1::worker_service_server::WorkerService for WorkerSvc {
         info!(worker = %attach.name, pool = %pool, scanner = %identity.scanner, engine = %identity.engine, engine_version = %identity.engine_version, ruleset_version = %identity.ruleset_version, "worker attached");
         // The fleet settles the pool's identity before the worker can ask for work.
         engine.register_identity(&pool, &identity).await;
-        let worker = engine.scheduler.attach(attach.clone(), tx);
+        let worker = engine.attach_worker(attach.clone(), tx);
         let registered = v1::WorkerCommand {
             msg: Some(worker_command::Msg::Registered(v1::Registered {
-                broker_id: engine.config.broker_id.clone(),
+                broker_id: engine.config().broker_id.clone(),
                 chunk_size: CHUNK_SIZE as u32,
             })),
         };
-        let deadline_ms = u32::try_from(engine.config.job_deadline.as_millis()).unwrap_or(u32::MAX);
+        let deadline_ms =
+            u32::try_from(engine.config().job_deadline.as_millis()).unwrap_or(u32::MAX);
         tokio::spawn(read_loop(
             engine,
             worker,
@@ -210,7 +219,7 @@ async fn read_loop(
         last_heard = Instant::now();
         match message.msg {
             Some(worker_message::Msg::Credit(credit)) => {
-                engine.scheduler.grant(worker, credit.credits);
+                engine.grant_credits(worker, credit.credits);
             }
             Some(worker_message::Msg::Result(result)) => {
                 let job_id = result.job_id;
@@ -219,10 +228,11 @@ async fn read_loop(
                 if changed {
                     // The worker's engine or rules changed under it: its verdicts are the pool's
                     // current ones from now on.
-                    engine.register_identity(&attach.pool, &identity).await;
-                    engine.scheduler.set_identity(worker, identity.clone());
+                    engine
+                        .worker_identity_changed(worker, &attach.pool, &identity)
+                        .await;
                 }
-                if let Err(e) = engine.scheduler.complete(worker, job_id, report) {
+                if let Err(e) = engine.complete_job(worker, job_id, report) {
                     warn!(worker = %attach.name, job_id, error = %e, "result for an unknown job ignored");
                 }
             }
@@ -232,7 +242,7 @@ async fn read_loop(
             Some(worker_message::Msg::Heartbeat(_)) | None => {}
         }
     }
-    engine.scheduler.detach(worker);
+    engine.detach_worker(worker);
     info!(worker = %attach.name, pool = %attach.pool, "worker detached");
 }
 

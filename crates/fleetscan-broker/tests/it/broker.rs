@@ -1,17 +1,16 @@
 //! The broker end to end on loopback: a real server, a real SQLite store, scripted agents and
 //! workers speaking the generated protocol.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{TestBroker, WAIT, eventually, identity};
 use fleetscan_core::{
     AccessKind, Action, DecidedBy, FailMode, Sha256, Verdict, VerdictKind, now_unix_ms,
 };
 use fleetscan_proto::v1::{self, agent_message};
 use fleetscan_store::AccessFilter;
 use tonic::Code;
+
+use crate::common::{TestBroker, WAIT, eventually, identity};
 
 const EICAR: &[u8] = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
 
@@ -37,7 +36,7 @@ fn malicious(content: &[u8], threat: &str) -> Verdict {
 
 /// The decision of a request the broker can answer only from its store: without a verdict
 /// there its job would get no answer in time.
-async fn decided_from_store(agent: &mut common::ScriptedAgent) -> v1::Decision {
+async fn decided_from_store(agent: &mut crate::common::ScriptedAgent) -> v1::Decision {
     agent
         .decision_within(Duration::from_secs(3))
         .await
@@ -91,7 +90,7 @@ async fn a_broker_owning_its_store_skips_look_ups_that_must_miss_and_finds_every
         TestBroker::start_with_verdicts(&[malicious(EICAR, "EICAR-Test-File")], |_| {}).await;
     let skipped = |b: &TestBroker| {
         b.engine
-            .stats
+            .stats()
             .store_lookups_skipped
             .load(std::sync::atomic::Ordering::Relaxed)
     };

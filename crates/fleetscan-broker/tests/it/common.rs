@@ -200,13 +200,13 @@ impl TestBroker {
 
     /// Waits (within `WAIT`) until the broker has read which contents its SQLite store holds.
     pub async fn wait_until_store_contents_known(&self) {
-        let filter = self
-            .engine
-            .stored_contents
-            .clone()
-            .expect("a SQLite broker knows its store");
+        let engine = self.engine.clone();
+        assert!(
+            engine.stored_contents_known().is_some(),
+            "a SQLite broker knows its store"
+        );
         eventually("the store's contents read", || {
-            let done = filter.is_seeded();
+            let done = engine.stored_contents_known() == Some(true);
             async move { done.then_some(()) }
         })
         .await;

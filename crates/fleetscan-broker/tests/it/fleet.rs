@@ -5,16 +5,15 @@
 //! Needs root and the Postgres server binaries (a private `initdb`/`pg_ctl` cluster per test
 //! process); fails with a message saying so otherwise, never skips.
 
-mod common;
-
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{ScriptedAgent, ScriptedWorker, TestBroker, eventually, identity};
 use fleetscan_core::{FailMode, Sha256};
 use fleetscan_proto::v1;
 use fleetscan_store::testing::PgCluster;
 use fleetscan_store::{Claim, Store};
+
+use crate::common::{ScriptedAgent, ScriptedWorker, TestBroker, eventually, identity};
 
 fn cluster() -> &'static PgCluster {
     static CLUSTER: OnceLock<PgCluster> = OnceLock::new();
@@ -77,7 +76,7 @@ async fn two_brokers_asked_for_the_same_new_content_at_once_scan_it_once() {
         job = worker_b.job() => { job }
     };
     assert_eq!(job.content, content);
-    let answer = async |w: &common::ScriptedWorker| {
+    let answer = async |w: &crate::common::ScriptedWorker| {
         w.answer(job.job.job_id, v1::VerdictResult::Malicious, "Test.Fleet")
             .await;
     };

@@ -1,13 +1,12 @@
 //! The broker with the real worker SDK (`fleetscan_worker::run`) and a trivial scanner.
 
-mod common;
-
 use std::sync::Arc;
 
-use common::TestBroker;
 use fleetscan_core::ScannerIdentity;
 use fleetscan_proto::v1;
 use fleetscan_worker::{ScanOutcome, Scanner, WorkerConfig};
+
+use crate::common::TestBroker;
 
 /// Finds "EVIL" anywhere in the content.
 struct Substring;
@@ -60,7 +59,7 @@ async fn the_sdk_worker_scans_for_agents() {
     assert_eq!(agent.content_requests, vec![1, 2]);
 
     let _ = stop_worker.send(());
-    tokio::time::timeout(common::WAIT, worker)
+    tokio::time::timeout(crate::common::WAIT, worker)
         .await
         .expect("worker stops")
         .unwrap()

@@ -3,12 +3,9 @@
 //! the policy set reaches agents. Workers are the real SDK (`fleetscan_worker::run`) where the
 //! scanner matters, scripted streams where the test must see every job.
 
-mod common;
-
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use common::{ScriptedAgent, TestBroker, WAIT, eventually, identity};
 use fleetscan_broker::BrokerConfig;
 use fleetscan_core::tenancy::{PolicyPatch, TenancyConfig, TenantConfig};
 use fleetscan_core::{Action, FailMode, ScannerIdentity, Sha256, VerdictKind};
@@ -18,6 +15,8 @@ use fleetscan_worker::{ScanOutcome, Scanner, WorkerConfig};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+use crate::common::{ScriptedAgent, TestBroker, WAIT, eventually, identity};
 
 /// A block list that remembers every content it scanned. Both tenants' scanners carry the
 /// same identity on purpose: only the tenant scope keeps their verdicts apart.
@@ -461,7 +460,7 @@ async fn a_tenant_without_a_live_worker_gets_its_fail_mode_until_one_asks_for_wo
 #[tokio::test]
 async fn workers_are_placed_only_in_pools_of_their_tenants() {
     let broker = TestBroker::start(two_tenants).await;
-    let refused = |r: Result<common::ScriptedWorker, tonic::Status>| match r {
+    let refused = |r: Result<crate::common::ScriptedWorker, tonic::Status>| match r {
         Ok(_) => panic!("registration accepted"),
         Err(status) => {
             assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
@@ -624,7 +623,7 @@ async fn the_policy_set_is_pushed_at_session_start_and_on_change() {
     assert_eq!(first.policy.unwrap().version, 5);
 
     // A newer version is pushed; an older one is refused.
-    let mut config = broker.engine.config.tenancy.clone();
+    let mut config = broker.engine.config().tenancy.clone();
     config.version = 6;
     config
         .tenants
@@ -766,7 +765,7 @@ async fn an_agent_hello_with_an_invalid_tenant_is_refused() {
     let broker = TestBroker::start(two_tenants).await;
     let mut client = AgentServiceClient::new(broker.channel().await);
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut hello = common::hello("node-a");
+    let mut hello = crate::common::hello("node-a");
     if let Some(agent_message::Msg::Hello(h)) = &mut hello.msg {
         h.tenant = "Acme/../globex".into();
     }
