@@ -3,9 +3,9 @@
 //! [`Agent::decide`] takes one typed [`Access`] of a connected agent and returns its
 //! [`Decision`] with the verdicts behind it: at once, or ([`Answer::Later`]) once the engine's
 //! flights ended, within the access's deadline. In order:
-//! 1. attribution: the access's tenant ([`access_tenant`]: a tenant's own agent speaks for that
+//! 1. attribution: the access's tenant (`access_tenant`: a tenant's own agent speaks for that
 //!    tenant only, whatever namespace it names; the fleet operator's agents' accesses are
-//!    attributed by namespace, then the namespace's label) and its [`Scope`] (the policy of that
+//!    attributed by namespace, then the namespace's label) and its `Scope` (the policy of that
 //!    tenant and namespace, and whether it is the only policy in force);
 //! 2. what the policy does not scan (exec-only opens, exclusions), allowed at once;
 //! 3. the cached path: known content of every required pool's current identity, from the
@@ -27,27 +27,25 @@
 pub mod decide;
 mod record;
 pub mod scan;
+mod types;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use fleetscan_core::tenancy::{EffectivePolicy, check_name};
-use fleetscan_core::{
-    AccessContext, AccessKind, AccessRecord, Action, DEFAULT_TENANT, PoolKey, Sha256, Tenancy,
-    Verdict,
-};
+use fleetscan_core::{AccessKind, DEFAULT_TENANT, PoolKey, Sha256, Tenancy};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::debug;
 
 use self::decide::Decided;
 pub use self::record::Report;
+pub use self::types::{Access, Answer, Decision, Hello, Subject, Tally, Verdicts};
 use crate::engine::cache::IdentityId;
 use crate::engine::content::{AgentLink, AskContent, ContentEvent, ContentSource};
 use crate::engine::flight::Waiter;
 use crate::engine::stats::bump;
-use crate::engine::writer::WriteOp;
 use crate::engine::{Engine, Pending, PoolLookup, Resolution, SessionId};
 use crate::error::BrokerError;
 
@@ -55,122 +53,6 @@ use crate::error::BrokerError;
 const MAX_PENDING: usize = 4096;
 /// The longest a request is waited for, whatever deadline the agent gives.
 const MAX_REQUEST_DEADLINE: Duration = Duration::from_secs(60);
-
-/// An agent as it introduced itself.
-#[derive(Clone, Debug, Default)]
-pub struct Hello {
-    pub node: String,
-    /// The tenant whose agent it is; empty for the fleet operator's.
-    pub tenant: String,
-    pub cluster: String,
-    pub agent_version: String,
-    /// It keys its cached decisions by tenant and namespace policy, and sets kernel ignore
-    /// marks only for decisions that hold for every policy. Without that, when more than one
-    /// policy is in force, no decision may be cached: a file allowed for one namespace
-    /// (audit-only, another tenant's clean verdict) could otherwise be allowed from the cache
-    /// for another that must deny it.
-    pub scoped_cache: bool,
-}
-
-/// One access to decide, as the agent described it.
-#[derive(Debug)]
-pub struct Access {
-    /// Unique within the agent's session; its upload, if one is needed, comes under it.
-    pub request_id: u64,
-    /// The content's digest, or why the request did not carry a valid one.
-    pub sha256: Result<Sha256, String>,
-    pub size: u64,
-    /// `None` when the agent sent a kind this broker does not know (or none).
-    pub kind: Option<AccessKind>,
-    /// The path as the opening process sees it.
-    pub path: String,
-    /// The path as the host sees it, where it differs.
-    pub host_path: String,
-    /// How long the agent waits for the decision; `None`: the policy's deadline.
-    pub deadline: Option<Duration>,
-    pub subject: Subject,
-}
-
-impl Access {
-    /// The path the access is known by: the agent's view, the host's when the agent gave none.
-    fn path(&self) -> &str {
-        if self.path.is_empty() {
-            &self.host_path
-        } else {
-            &self.path
-        }
-    }
-}
-
-/// Who made an access, as the agent attributed it (everything empty or zero when unknown).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Subject {
-    /// In the host's pid namespace.
-    pub pid: u32,
-    pub uid: u32,
-    pub exe: String,
-    /// The tenant the agent read from the namespace's label; the broker's mapping wins.
-    pub labelled_tenant: String,
-    /// Namespace, image, container, pod, cgroup and pid in its own namespace; its `host_path`
-    /// is left empty (the access's own is kept beside it).
-    pub context: AccessContext,
-}
-
-/// A decision for one access: what the agent is sent, and what is settled afterwards.
-#[derive(Debug)]
-pub struct Decision {
-    pub action: Action,
-    pub reason: String,
-    pub cacheable: bool,
-    pub ttl_seconds: u32,
-    /// The verdicts it rests on.
-    pub verdicts: Verdicts,
-    /// What [`Agent::settle`] counts and records once the decision is sent.
-    pub tally: Tally,
-}
-
-/// The verdicts a decision rests on, as the engine found them.
-#[derive(Debug)]
-pub enum Verdicts {
-    None,
-    /// The one pool's cached verdict (the cached path).
-    One(Arc<Verdict>),
-    /// Every required pool's resolution, in the policy's order: the verdicts among them.
-    Of(Vec<Resolution>),
-}
-
-impl Verdicts {
-    /// The verdicts, in order.
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Verdict>> {
-        let (one, of) = match self {
-            Verdicts::None => (None, &[][..]),
-            Verdicts::One(v) => (Some(v), &[][..]),
-            Verdicts::Of(resolutions) => (None, resolutions.as_slice()),
-        };
-        one.into_iter().chain(of.iter().filter_map(|r| match r {
-            Resolution::Verdict(v) => Some(v),
-            _ => None,
-        }))
-    }
-}
-
-/// What is counted and recorded of a decision once it is sent (never before: the agent's
-/// answer comes first). Holds the access's place among the agent's pending requests until then.
-#[derive(Debug)]
-#[must_use = "a decision is settled once it is sent"]
-pub struct Tally {
-    action: Action,
-    fail_mode: bool,
-    oversize: bool,
-    record: Option<Box<AccessRecord>>,
-    _pending: Option<OwnedSemaphorePermit>,
-}
-
-/// A decision at once, or the rest of the way to it.
-pub enum Answer {
-    Now(Decision),
-    Later(Box<Later>),
-}
 
 /// An access waiting for the engine's flights: [`Later::decision`] finishes it, or gives up
 /// (`None`) when its deadline passes first — the agent then answers the kernel itself, and the
@@ -493,31 +375,6 @@ impl Agent {
                 record,
                 _pending: pending,
             },
-        }
-    }
-
-    /// Counts a decision that was sent (or could not be, the agent being gone) and records it
-    /// when it must be; frees its place among the pending requests.
-    pub fn settle(&self, tally: Tally) {
-        let stats = self.engine.stats();
-        bump(&stats.decisions);
-        if tally.fail_mode {
-            bump(&stats.fail_mode_decisions);
-        }
-        if tally.oversize {
-            bump(&stats.oversize);
-        }
-        match tally.action {
-            Action::Deny => {
-                bump(&stats.denied);
-                self.denied.fetch_add(1, Ordering::Relaxed);
-            }
-            Action::Allow => {
-                self.allowed.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        if let Some(record) = tally.record {
-            self.engine.write_behind(WriteOp::Access(record));
         }
     }
 

@@ -1,9 +1,11 @@
-//! What is kept of accesses: the records of decided accesses, the reports of accesses an agent
-//! decided itself, and each host's presence and counters.
+//! What is kept of accesses: the counters and records of decided accesses (settled once the
+//! decision is sent), the reports of accesses an agent decided itself, and each host's presence
+//! and counters.
 //!
 //! Every record goes to the write-behind queue, never to the store directly; an allowed access
 //! is only counted (per host, flushed on a period and when the session ends). A report's tenant
-//! is the broker's attribution, never what the report claims.
+//! is the broker's attribution, never what the report claims. Must never: record before the
+//! decision is sent, or lose a count silently.
 
 use std::sync::atomic::Ordering;
 
@@ -13,8 +15,8 @@ use fleetscan_core::{
 use tracing::warn;
 
 use super::decide::Decided;
-use super::{Access, Agent, Subject, access_tenant};
-use crate::engine::stats::add;
+use super::{Access, Agent, Subject, Tally, access_tenant};
+use crate::engine::stats::{add, bump};
 use crate::engine::writer::{HostSeen, WriteOp};
 
 /// An access the agent decided itself (from its cache, by its deadline, …), or only counts of
@@ -52,6 +54,31 @@ fn local_reason(decided_by: DecidedBy) -> &'static str {
 }
 
 impl Agent {
+    /// Counts a decision that was sent (or could not be, the agent being gone) and records it
+    /// when it must be; frees its place among the pending requests.
+    pub fn settle(&self, tally: Tally) {
+        let stats = self.engine.stats();
+        bump(&stats.decisions);
+        if tally.fail_mode {
+            bump(&stats.fail_mode_decisions);
+        }
+        if tally.oversize {
+            bump(&stats.oversize);
+        }
+        match tally.action {
+            Action::Deny => {
+                bump(&stats.denied);
+                self.denied.fetch_add(1, Ordering::Relaxed);
+            }
+            Action::Allow => {
+                self.allowed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if let Some(record) = tally.record {
+            self.engine.write_behind(WriteOp::Access(record));
+        }
+    }
+
     /// The record of an access this broker decided, for `tenant`; takes the decision's threat
     /// name (the decision itself no longer needs it).
     pub(super) fn record(

@@ -1,14 +1,15 @@
 //! The engine: what the broker knows and can find out about contents, beneath every service and
 //! the access layer.
 //!
-//! - The verdict path ([`resolve`](Engine::resolve_in)): memory cache ([`cache`]), then the store
-//!   (skipped while it is down, every call bounded: [`fleet`]), then one flight per content and
-//!   pool identity ([`flight`]) that claims the scan fleet-wide, fetches the content from one of
-//!   its sources ([`content`]) and runs a job on the pool's workers ([`scheduler`], fair
-//!   per-tenant lanes in [`queue`]). Verdicts and records are written behind ([`writer`] into the
-//!   store through `store_sink`); `stored` knows what a SQLite store of this broker's own holds.
-//! - The registry of pool identities and the verdict generation (`registry`), the fleet's state
-//!   applied on this broker.
+//! - The verdict path (`resolve`, [`Engine::resolve_in`]): memory cache ([`cache`]), then the
+//!   store (skipped while it is down, every call bounded: `fleet`), then one flight per content
+//!   and pool identity ([`flight`]) that claims the scan fleet-wide (`fleet` again), fetches the
+//!   content from one of its sources ([`content`]) and runs a job on the pool's workers
+//!   ([`scheduler`], fair per-tenant lanes in `queue`). Verdicts and records are written behind
+//!   ([`writer`], into the store through `store_sink`); `stored` knows what a SQLite store of
+//!   this broker's own holds.
+//! - The registry of pool identities and the verdict generation (`registry`): the fleet's state
+//!   as applied on this broker.
 //! - The tenancy in force, the connected agent sessions, the counters ([`stats`]).
 //!
 //! Its state is private: callers ask by intent ([`Engine::cached_verdict`],
@@ -48,7 +49,7 @@ use self::content::ContentSource;
 use self::fleet::Fleet;
 use self::flight::SingleFlight;
 use self::registry::Registry;
-use self::resolve::FlightKey;
+use self::resolve::{CONTENT_BUDGET_KIB, FlightKey};
 pub use self::resolve::{Lookup, Pending, PoolLookup, Resolution};
 use self::scheduler::WorkerReport;
 use self::scheduler::{Attach, JobId, Scheduler, ToWorker, UnknownJob, WorkerId, WorkerInfo};
@@ -62,10 +63,6 @@ use crate::shutdown::Shutdown;
 /// The fleet operator's default pool, as a pool key: the pool of every worker that names none,
 /// and of applications' scans.
 pub const DEFAULT_POOL: &str = fleetscan_core::tenancy::DEFAULT_POOL;
-
-/// Content held for scans at once, in KiB (1 GiB): bounds the memory of uploads in progress.
-/// A fetch waits for room, within its scan deadline.
-const CONTENT_BUDGET_KIB: u32 = 1024 * 1024;
 
 /// One connected agent session, for the admin API.
 #[derive(Clone, Debug)]
@@ -250,9 +247,13 @@ impl Engine {
         self.registry.apply_fleet(state);
     }
 
-    /// Adds a worker to its pool. It takes no job until it grants credits; its jobs arrive on
-    /// `tx`.
-    pub fn attach_worker(&self, attach: Attach, tx: mpsc::Sender<ToWorker>) -> WorkerId {
+    /// Adds a worker to its pool, once the fleet settled whether its identity becomes the
+    /// pool's current one ([`Engine::register_identity`]). It takes no job until it grants
+    /// credits; its jobs arrive on `tx`.
+    pub async fn attach_worker(&self, attach: Attach, tx: mpsc::Sender<ToWorker>) -> WorkerId {
+        self.registry
+            .register_identity(&attach.pool, &attach.identity)
+            .await;
         self.scheduler.attach(attach, tx)
     }
 

@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use fleetscan_core::{PoolKey, Sha256, Verdict, now_unix_ms};
 
+use super::Engine;
 use super::cache::{IdentityId, InternedIdentity};
 use super::content::ContentSource;
 use super::fleet::{Skipped, Standing};
@@ -24,7 +25,6 @@ use super::flight::{Joined, Leader, Waiter};
 use super::scheduler::{EnqueueError, JobPayload, RunOutcome};
 use super::stats::bump;
 use super::writer::WriteOp;
-use super::{CONTENT_BUDGET_KIB, Engine};
 use crate::error::BrokerError;
 use tracing::warn;
 
@@ -40,6 +40,10 @@ pub enum Resolution {
 }
 
 pub(super) type FlightKey = (Sha256, IdentityId);
+
+/// Content held for scans at once, in KiB (1 GiB): bounds the memory of uploads in progress.
+/// A fetch waits for room, within its scan deadline.
+pub(super) const CONTENT_BUDGET_KIB: u32 = 1024 * 1024;
 
 /// A request for the verdict on one content from the fleet operator's pool `pool`, under the
 /// fleet's policy (the scan service's).

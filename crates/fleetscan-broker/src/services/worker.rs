@@ -89,8 +89,7 @@ impl v1::worker_service_server::WorkerService for WorkerSvc {
         };
         info!(worker = %attach.name, pool = %pool, scanner = %identity.scanner, engine = %identity.engine, engine_version = %identity.engine_version, ruleset_version = %identity.ruleset_version, "worker attached");
         // The fleet settles the pool's identity before the worker can ask for work.
-        engine.register_identity(&pool, &identity).await;
-        let worker = engine.attach_worker(attach.clone(), tx);
+        let worker = engine.attach_worker(attach.clone(), tx).await;
         let registered = v1::WorkerCommand {
             msg: Some(worker_command::Msg::Registered(v1::Registered {
                 broker_id: engine.config().broker_id.clone(),

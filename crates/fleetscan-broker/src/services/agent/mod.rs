@@ -9,8 +9,8 @@
 //! come.
 //!
 //! Requests that arrive together are decided together before the reader yields (up to
-//! [`INBOUND_BATCH`]), so that their decisions leave in one write; the outbound side
-//! ([`outbound`]) drains its queue in runs. The cached decision costs the reader no spawn and no
+//! `INBOUND_BATCH`), so that their decisions leave in one write; the outbound side (`outbound`)
+//! drains its queue in runs. The cached decision costs the reader no spawn and no
 //! await but the send of the decision. Must never: wait on the store, decide anything itself, or
 //! send a decision before `SessionAccepted` or after a flush it would contradict.
 
