@@ -211,21 +211,14 @@ impl Agent {
             &context.namespace,
         ) {
             let decided = decide::skipped(why);
-            return Answer::Now(self.decision(access, &scope, None, decided, Verdicts::None, None));
+            return self.now(access, &scope, None, decided, Verdicts::None);
         }
         let policy = &scope.effective.policy;
         let sha256 = match &access.sha256 {
             Ok(sha256) => *sha256,
             Err(e) => {
                 let decided = decide::fail(policy, format!("invalid request: {e}"));
-                return Answer::Now(self.decision(
-                    access,
-                    &scope,
-                    None,
-                    decided,
-                    Verdicts::None,
-                    None,
-                ));
+                return self.now(access, &scope, None, decided, Verdicts::None);
             }
         };
         let pools = scope.effective.pools.as_slice();
@@ -236,14 +229,7 @@ impl Agent {
             bump(&engine.stats().cache_hits);
             let decided = decide::decide(policy, &Resolution::Verdict(verdict.clone()));
             let verdicts = Verdicts::One(verdict);
-            return Answer::Now(self.decision(
-                access,
-                &scope,
-                Some(sha256),
-                decided,
-                verdicts,
-                None,
-            ));
+            return self.now(access, &scope, Some(sha256), decided, verdicts);
         }
         if pools.len() > 1 {
             let cached: Option<Vec<Resolution>> = pools
@@ -258,26 +244,12 @@ impl Agent {
                 bump(&engine.stats().cache_hits);
                 let decided = decide::decide_all(policy, &resolutions);
                 let verdicts = Verdicts::Of(resolutions);
-                return Answer::Now(self.decision(
-                    access,
-                    &scope,
-                    Some(sha256),
-                    decided,
-                    verdicts,
-                    None,
-                ));
+                return self.now(access, &scope, Some(sha256), decided, verdicts);
             }
         }
         let Ok(pending) = self.pending.clone().try_acquire_owned() else {
             let decided = decide::fail(policy, "broker overloaded: too many pending requests");
-            return Answer::Now(self.decision(
-                access,
-                &scope,
-                Some(sha256),
-                decided,
-                Verdicts::None,
-                None,
-            ));
+            return self.now(access, &scope, Some(sha256), decided, Verdicts::None);
         };
         let deadline = Instant::now() + request_deadline(access.deadline, &scope.effective);
         // The pools are asked one after another: a flight that needs the content asks the agent
@@ -300,14 +272,7 @@ impl Agent {
             drop(pending);
             let decided = decide::decide_all(policy, &resolutions);
             let verdicts = Verdicts::Of(resolutions);
-            return Answer::Now(self.decision(
-                access,
-                &scope,
-                Some(sha256),
-                decided,
-                verdicts,
-                None,
-            ));
+            return self.now(access, &scope, Some(sha256), decided, verdicts);
         };
         Answer::Later(Box::new(Later {
             agent: self.clone(),
@@ -321,6 +286,18 @@ impl Agent {
             resolutions,
             identities,
         }))
+    }
+
+    /// A decision made without waiting.
+    fn now(
+        &self,
+        access: Access,
+        scope: &Scope,
+        sha256: Option<Sha256>,
+        decided: Decided,
+        verdicts: Verdicts,
+    ) -> Answer {
+        Answer::Now(self.decision(access, scope, sha256, decided, verdicts, None))
     }
 
     /// What the engine is asked for one pool of an access.

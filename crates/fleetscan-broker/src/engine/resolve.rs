@@ -16,6 +16,7 @@
 use std::sync::Arc;
 
 use fleetscan_core::{PoolKey, Sha256, Verdict, now_unix_ms};
+use tracing::warn;
 
 use super::Engine;
 use super::cache::{IdentityId, InternedIdentity};
@@ -26,7 +27,6 @@ use super::scheduler::{EnqueueError, JobPayload, RunOutcome};
 use super::stats::bump;
 use super::writer::WriteOp;
 use crate::error::BrokerError;
-use tracing::warn;
 
 /// What the engine found out about one content for one pool.
 #[derive(Clone, Debug, PartialEq, Eq)]
