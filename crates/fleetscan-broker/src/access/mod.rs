@@ -41,7 +41,7 @@ use tracing::debug;
 
 use self::decide::Decided;
 pub use self::record::Report;
-pub use self::types::{Access, Answer, Decision, Hello, Subject, Tally, Verdicts};
+pub use self::types::{Access, Decision, Hello, Subject, Tally, Verdicts};
 use crate::engine::cache::IdentityId;
 use crate::engine::content::{AgentLink, AskContent, ContentEvent, ContentSource};
 use crate::engine::flight::Waiter;
@@ -53,6 +53,12 @@ use crate::error::BrokerError;
 const MAX_PENDING: usize = 4096;
 /// The longest a request is waited for, whatever deadline the agent gives.
 const MAX_REQUEST_DEADLINE: Duration = Duration::from_secs(60);
+
+/// A decision at once, or the rest of the way to it.
+pub enum Answer {
+    Now(Decision),
+    Later(Box<Later>),
+}
 
 /// An access waiting for the engine's flights: [`Later::decision`] finishes it, or gives up
 /// (`None`) when its deadline passes first — the agent then answers the kernel itself, and the

@@ -8,9 +8,6 @@ use std::time::Duration;
 use fleetscan_core::{AccessContext, AccessKind, AccessRecord, Action, Sha256, Verdict};
 use tokio::sync::OwnedSemaphorePermit;
 
-#[cfg(doc)]
-use super::Agent;
-use super::Later;
 use crate::engine::Resolution;
 
 /// An agent as it introduced itself.
@@ -82,7 +79,7 @@ pub struct Decision {
     pub ttl_seconds: u32,
     /// The verdicts it rests on.
     pub verdicts: Verdicts,
-    /// What [`Agent::settle`] counts and records once the decision is sent.
+    /// What the agent's `settle` counts and records once the decision is sent.
     pub tally: Tally,
 }
 
@@ -121,10 +118,4 @@ pub struct Tally {
     pub(super) oversize: bool,
     pub(super) record: Option<Box<AccessRecord>>,
     pub(super) _pending: Option<OwnedSemaphorePermit>,
-}
-
-/// A decision at once, or the rest of the way to it.
-pub enum Answer {
-    Now(Decision),
-    Later(Box<Later>),
 }

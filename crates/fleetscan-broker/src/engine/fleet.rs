@@ -11,7 +11,8 @@
 //! - **Store health.** The first *unavailable* error marks the store down; until a probe
 //!   succeeds again the decision path does not touch it (no verdict look-ups, no claims): it
 //!   decides from memory and from workers, and the write-behind queue keeps what must be
-//!   written. Every store call on the decision path is bounded by [`STORE_CALL_TIMEOUT`].
+//!   written. Every store call on the decision path (and of `ScanService`'s look-ups) goes
+//!   through [`Fleet::guarded`], bounded by [`STORE_CALL_TIMEOUT`].
 //!
 //! Must never: hold a lock across an await, or let a store that hangs stall a decision longer
 //! than its bound.

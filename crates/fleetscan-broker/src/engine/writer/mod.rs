@@ -7,8 +7,8 @@
 //! [`MAX_BATCH`] records or [`LINGER`]) into a [`Sink`] (the store). On a store error it keeps
 //! the batch and retries with [`Backoff`] (from 50 ms, doubling up to 5 s, jittered, back to
 //! the floor once a batch is done with), resuming where the batch stopped, so nothing is lost
-//! while the queue has room. On shutdown the queue is closed and drained within a deadline; whatever is
-//! left then is counted as lost and logged. Never lose a record silently.
+//! while the queue has room. On shutdown the queue is closed and drained within a deadline;
+//! whatever is left then is counted as lost and logged. Never lose a record silently.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
