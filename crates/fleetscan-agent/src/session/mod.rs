@@ -1,29 +1,29 @@
 //! The broker session: one long-lived `AgentService.Session` stream at a time, reconnected
-//! with backoff over the configured brokers. A broker named by a host name that resolves to
-//! several addresses (DNS with one record per replica) counts as that many brokers: the agent
-//! moves to the next address when one fails.
+//! with a jittered backoff over the configured brokers. A broker named by a host name that
+//! resolves to several addresses (DNS with one record per replica) counts as that many
+//! brokers: the agent moves to the next address when one fails.
 //!
 //! A session says hello, waits for `SessionAccepted` (policy, verdict generation), then serves:
-//! decisions answer pending events (through the pending map's gate), content requests start
-//! uploads read from the event's descriptor, policy updates and cache flushes are applied,
-//! reports and heartbeats go out. When a session ends, its pending events are answered at
-//! once with the fail mode: nothing waits for a broker that is gone.
+//! decisions answer the accesses whose requests it sent (`requests.rs`), content requests
+//! start uploads read from the access's descriptor (`upload.rs`), policy updates and cache
+//! flushes are applied, reports and heartbeats go out. When a session ends, the accesses it
+//! was asked about are answered at once with the fail mode: nothing waits for a broker that is
+//! gone. The hashing threads reach the live session through its link (`link.rs`).
 //!
-//! Nothing here is on the path that answers the kernel in time: the deadline thread does that
-//! whatever this task does, so a stuck runtime delays decisions but never an answer.
+//! This is the agent's protocol edge: the only code that sees `fleetscan_proto::v1` types,
+//! converting to and from the domain on the way through. Nothing here is on the path that
+//! answers the kernel in time: the deadline thread does that whatever this task does, so a
+//! stuck runtime delays decisions but never an answer.
 
-use std::fs::File;
-use std::os::fd::AsFd;
-use std::os::unix::fs::FileExt;
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use fleetscan_core::Action;
+use fleetscan_core::{Backoff, LocalReport};
 use fleetscan_proto::v1::agent_message::Msg as Out;
 use fleetscan_proto::v1::agent_service_client::AgentServiceClient;
 use fleetscan_proto::v1::broker_message::Msg as In;
-use fleetscan_proto::{CHUNK_SIZE, MAX_MESSAGE_SIZE, convert, v1};
+use fleetscan_proto::{MAX_MESSAGE_SIZE, v1};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_stream::StreamExt;
@@ -31,8 +31,17 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 
-use crate::cache::{CachedDecision, FileKey};
-use crate::state::{SessionLink, Shared, bump};
+use crate::interceptor::Interceptor;
+use crate::reports::ReportQueue;
+use crate::stats::bump;
+
+mod link;
+mod requests;
+mod upload;
+
+use link::msg;
+pub(crate) use link::{SessionSlot, Unsent};
+use requests::Requests;
 
 /// Why a session attempt ended.
 #[derive(Debug, thiserror::Error)]
@@ -49,66 +58,54 @@ pub(crate) enum SessionError {
     Protocol(&'static str),
 }
 
-/// Exponential backoff between attempts: 100 ms doubling to 2 s, reset by an accepted
-/// session.
-#[derive(Debug)]
-pub(crate) struct Backoff {
-    first: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    pub fn new(first: Duration, max: Duration) -> Self {
-        Backoff {
-            first,
-            max,
-            next: first,
-        }
-    }
-
-    pub fn next_delay(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(self.max);
-        d
-    }
-
-    pub fn reset(&mut self) {
-        self.next = self.first;
-    }
-}
+/// The first wait before reconnecting, and the longest.
+const RECONNECT_FLOOR: Duration = Duration::from_millis(100);
+const RECONNECT_CEILING: Duration = Duration::from_secs(2);
+/// An accepted session that lived this long worked: the next reconnect starts from the floor,
+/// however it ended (a broker crash too).
+const WORKED_AFTER: Duration = Duration::from_secs(1);
 
 /// How long resolving the brokers' host names may take before the names are tried as they are.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs sessions forever (until the future is dropped).
-pub(crate) async fn run(shared: Arc<Shared>) {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+pub(crate) async fn run(ic: Arc<Interceptor>, slot: Arc<SessionSlot>) {
+    let mut backoff = Backoff::new(RECONNECT_FLOOR, RECONNECT_CEILING, WORKED_AFTER);
     // The brokers to try, in order; resolved again once every one of them failed, so that DNS
     // changes (a replica added or gone) are followed.
-    let mut candidates: std::collections::VecDeque<String> = Default::default();
+    let mut candidates: VecDeque<String> = VecDeque::new();
     loop {
         if candidates.is_empty() {
-            candidates = resolve_all(&shared.config.brokers).await.into();
+            candidates = resolve_all(&ic.config.brokers).await.into();
         }
         let Some(url) = candidates.front().cloned() else {
             // No broker configured: nothing to connect to (the config check forbids this).
             tokio::time::sleep(backoff.next_delay()).await;
             continue;
         };
-        match session(&shared, &url).await {
-            Ok(()) => {
-                // It was accepted and then ended: try the same broker again first, quickly.
-                backoff.reset();
-                info!(broker = %url, "broker session ended");
-            }
+        let mut accepted = None;
+        match session(&ic, &slot, &url, &mut accepted).await {
+            // It was accepted and then ended: try the same broker again first.
+            Ok(()) => info!(broker = %url, "broker session ended"),
             Err(e) => {
                 warn!(broker = %url, error = %e, "broker session failed");
                 candidates.pop_front();
             }
         }
-        tokio::time::sleep(backoff.next_delay()).await;
+        let lived = accepted.map(|at: Instant| at.elapsed());
+        tokio::time::sleep(reconnect_delay(&mut backoff, lived)).await;
     }
+}
+
+/// The wait before the next attempt, after one whose session was accepted and lived `lived`
+/// (`None`: never accepted). A session that worked for a while resets the backoff however it
+/// ended, so that every broker crash is followed by a quick reconnect; one that fails at once
+/// keeps the waits growing, so that a broker that accepts and then fails is not hammered.
+fn reconnect_delay(backoff: &mut Backoff, lived: Option<Duration>) -> Duration {
+    if let Some(lived) = lived {
+        backoff.worked_for(lived);
+    }
+    backoff.next_delay()
 }
 
 /// Every broker URL with a host name becomes one URL per address the name resolves to, in the
@@ -158,43 +155,15 @@ async fn resolve(url: &str) -> Vec<String> {
     }
 }
 
-fn msg(m: Out) -> v1::AgentMessage {
-    v1::AgentMessage { msg: Some(m) }
-}
-
-/// Ends a session on every path out, including the future being dropped at shutdown: marks it
-/// dead first (so no request is assigned to it any more), then answers its pending events.
-struct SessionGuard<'a> {
-    shared: &'a Shared,
-    epoch: u64,
-    alive: Arc<AtomicBool>,
-}
-
-impl Drop for SessionGuard<'_> {
-    fn drop(&mut self) {
-        self.alive.store(false, Ordering::SeqCst);
-        self.shared.clear_session(self.epoch);
-        if self.shared.shutting_down.load(Ordering::SeqCst) {
-            // The agent is stopping: it allows everything pending itself.
-            return;
-        }
-        let drained = self.shared.pending.drain_session(self.epoch);
-        if !drained.is_empty() {
-            info!(
-                count = drained.len(),
-                "answering accesses of the lost session"
-            );
-        }
-        for (_, ev) in drained {
-            bump(&self.shared.counters.no_broker);
-            self.shared
-                .fail_pending(ev, "broker session lost", v1::LocalReason::NoBroker);
-        }
-    }
-}
-
-async fn session(shared: &Arc<Shared>, url: &str) -> Result<(), SessionError> {
-    let t = &shared.tuning;
+/// One session with the broker at `url`, until it ends. `accepted` is set when the broker
+/// accepted it, so that the caller knows how long it worked, whatever ended it.
+async fn session(
+    ic: &Interceptor,
+    slot: &SessionSlot,
+    url: &str,
+    accepted: &mut Option<Instant>,
+) -> Result<(), SessionError> {
+    let t = &ic.tuning;
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(SessionError::Url)?
         .connect_timeout(t.connect_timeout)
@@ -215,25 +184,8 @@ async fn session(shared: &Arc<Shared>, url: &str) -> Result<(), SessionError> {
     // paced by the network instead of piling up in memory.
     let (ctl_tx, ctl_rx) = mpsc::channel(t.session_queue);
     let (content_tx, content_rx) = mpsc::channel(4);
-    let mut capabilities = Vec::new();
-    if shared.config.ignore_marks {
-        capabilities.push("ignore-marks".to_string());
-    }
-    if shared.group.reports_pidfd() {
-        capabilities.push("pidfd".to_string());
-    }
-    // Decisions are cached per policy scope (tenant, namespace overrides): the broker may send
-    // cacheable decisions while several policies are in force.
-    capabilities.push(fleetscan_proto::CAPABILITY_SCOPED_CACHE.to_string());
-    let hello = v1::AgentHello {
-        node: shared.config.node.clone(),
-        cluster: shared.config.cluster.clone(),
-        agent_version: env!("CARGO_PKG_VERSION").to_string(),
-        capabilities,
-        tenant: String::new(),
-    };
     ctl_tx
-        .try_send(msg(Out::Hello(hello)))
+        .try_send(msg(Out::Hello(hello(ic))))
         .expect("a fresh queue has room");
     let outbound = ReceiverStream::new(ctl_rx).merge(ReceiverStream::new(content_rx));
     let handshake = t.connect_timeout;
@@ -244,7 +196,7 @@ async fn session(shared: &Arc<Shared>, url: &str) -> Result<(), SessionError> {
     let first = tokio::time::timeout(handshake, inbound.message())
         .await
         .map_err(|_| SessionError::Timeout("waiting for SessionAccepted"))??;
-    let accepted = match first.and_then(|m| m.msg) {
+    let accepted_msg = match first.and_then(|m| m.msg) {
         Some(In::Accepted(a)) => a,
         Some(_) => {
             return Err(SessionError::Protocol(
@@ -257,21 +209,14 @@ async fn session(shared: &Arc<Shared>, url: &str) -> Result<(), SessionError> {
             ));
         }
     };
-    apply_accepted(shared, &accepted);
-    let epoch = shared.next_epoch();
-    let alive = Arc::new(AtomicBool::new(true));
-    shared.set_session(SessionLink {
-        epoch,
-        alive: alive.clone(),
-        tx: ctl_tx.clone(),
-    });
-    let _guard = SessionGuard {
-        shared,
-        epoch,
-        alive,
-    };
-    bump(&shared.counters.sessions);
-    info!(broker = %url, broker_id = %accepted.broker_id, generation = accepted.verdict_generation, "broker session accepted");
+    apply_accepted(ic, &accepted_msg);
+    // From here on the hashing threads hand accesses to this session; dropping `requests`
+    // (however this function ends) answers those it still has.
+    let link = slot.open(ctl_tx.clone());
+    let mut requests = Requests::new(ic, slot, link.clone());
+    *accepted = Some(Instant::now());
+    bump(&ic.counters.sessions);
+    info!(broker = %url, broker_id = %accepted_msg.broker_id, generation = accepted_msg.verdict_generation, "broker session accepted");
 
     let mut heartbeat = tokio::time::interval(t.heartbeat);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -279,50 +224,136 @@ async fn session(shared: &Arc<Shared>, url: &str) -> Result<(), SessionError> {
     let uploads_allowed = Arc::new(Semaphore::new(t.upload_concurrency.max(1)));
     // Dropped with the session: aborts its uploads.
     let mut uploads = JoinSet::new();
+    let out = Outbound {
+        ctl_tx,
+        content_tx,
+        uploads_allowed,
+    };
     loop {
         tokio::select! {
             m = inbound.message() => match m {
                 Ok(Some(m)) => {
                     let Some(m) = m.msg else { continue };
-                    handle(shared, epoch, m, &ctl_tx, &content_tx, &uploads_allowed, &mut uploads);
+                    handle(ic, m, &mut requests, &out, &mut uploads);
                 }
                 Ok(None) => return Ok(()),
                 Err(status) => return Err(status.into()),
             },
             _ = heartbeat.tick() => {
                 let hb = v1::Heartbeat { sent_at_unix_ms: fleetscan_core::now_unix_ms() };
-                let _ = ctl_tx.try_send(msg(Out::Heartbeat(hb)));
-                flush_reports(shared, &ctl_tx, true);
+                let _ = out.ctl_tx.try_send(msg(Out::Heartbeat(hb)));
+                flush_reports(&ic.reports, &out.ctl_tx, true);
+                requests.take_handed();
             }
-            () = shared.reports.ready() => flush_reports(shared, &ctl_tx, false),
+            () = ic.reports.ready() => flush_reports(&ic.reports, &out.ctl_tx, false),
+            () = link.backlog() => requests.take_handed(),
             Some(_) = uploads.join_next(), if !uploads.is_empty() => {}
         }
     }
 }
 
-fn apply_accepted(shared: &Shared, a: &v1::SessionAccepted) {
-    if let Some(p) = a.policy {
-        shared.set_policy(p.into(), true);
-    }
-    shared.set_generation(a.verdict_generation);
+/// The session's outbound side, as the handlers of broker messages use it.
+struct Outbound {
+    ctl_tx: mpsc::Sender<v1::AgentMessage>,
+    content_tx: mpsc::Sender<v1::AgentMessage>,
+    uploads_allowed: Arc<Semaphore>,
 }
 
+fn hello(ic: &Interceptor) -> v1::AgentHello {
+    let mut capabilities = Vec::new();
+    if ic.config.ignore_marks {
+        capabilities.push("ignore-marks".to_string());
+    }
+    if ic.group.reports_pidfd() {
+        capabilities.push("pidfd".to_string());
+    }
+    // Decisions are cached per policy scope (tenant, namespace overrides): the broker may send
+    // cacheable decisions while several policies are in force.
+    capabilities.push(fleetscan_proto::CAPABILITY_SCOPED_CACHE.to_string());
+    v1::AgentHello {
+        node: ic.config.node.clone(),
+        cluster: ic.config.cluster.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        capabilities,
+        tenant: String::new(),
+    }
+}
+
+fn apply_accepted(ic: &Interceptor, a: &v1::SessionAccepted) {
+    if let Some(p) = a.policy {
+        ic.set_policy(p.into(), true);
+    }
+    ic.set_generation(a.verdict_generation);
+}
+
+fn handle(
+    ic: &Interceptor,
+    m: In,
+    requests: &mut Requests<'_>,
+    out: &Outbound,
+    uploads: &mut JoinSet<()>,
+) {
+    match m {
+        In::Decision(d) => requests.decide(d),
+        In::ContentRequest(r) => {
+            let id = r.request_id;
+            match requests.for_upload(id) {
+                Some((access, len, key)) => {
+                    uploads.spawn(upload::upload(
+                        id,
+                        access,
+                        len,
+                        key,
+                        out.ctl_tx.clone(),
+                        out.content_tx.clone(),
+                        out.uploads_allowed.clone(),
+                    ));
+                }
+                None => {
+                    let _ = out
+                        .ctl_tx
+                        .try_send(upload::unavailable(id, "no pending access with this id"));
+                }
+            }
+        }
+        In::Policy(u) => {
+            if let Some(p) = u.policy {
+                ic.set_policy(p.into(), false);
+            }
+            if let Some(set) = u.policy_set {
+                ic.set_policy_set(set.into());
+            }
+        }
+        In::Flush(f) => ic.flush(f.verdict_generation, &f.reason),
+        In::Accepted(a) => apply_accepted(ic, &a),
+        In::Heartbeat(_) => {}
+    }
+}
+
+/// Reports taken from the queue at once.
+const REPORT_BATCH: usize = 64;
+
 /// Moves queued reports into the session, as many as fit; the rest wait for the next round.
-fn flush_reports(shared: &Shared, tx: &mpsc::Sender<v1::AgentMessage>, counters_only: bool) {
+/// With `counters_only`, counters with no report to ride on go out in a report of their own.
+fn flush_reports(queue: &ReportQueue, tx: &mpsc::Sender<v1::AgentMessage>, counters_only: bool) {
     loop {
-        let batch = shared.reports.take(64, counters_only);
-        if batch.is_empty() {
+        let Framed {
+            mut reports,
+            wire,
+            allowed,
+            dropped,
+        } = framed(queue, counters_only);
+        if wire.is_empty() {
             return;
         }
-        let mut rest = batch.into_iter();
-        while let Some(r) = rest.next() {
-            if let Err(e) = tx.try_send(msg(Out::Report(r))) {
-                let Some(Out::Report(r)) = e.into_inner().msg else {
-                    unreachable!("a report was sent")
-                };
-                let mut back = vec![r];
-                back.extend(rest);
-                shared.reports.put_back(back);
+        for (i, r) in wire.into_iter().enumerate() {
+            if tx.try_send(msg(Out::Report(r))).is_err() {
+                // What was not sent goes back: the reports from this one on, and the counters
+                // if they were on it.
+                queue.put_back(reports.split_off(i.min(reports.len())));
+                if i == 0 {
+                    queue.restore_counts(allowed, dropped);
+                }
                 return;
             }
         }
@@ -333,176 +364,43 @@ fn flush_reports(shared: &Shared, tx: &mpsc::Sender<v1::AgentMessage>, counters_
     }
 }
 
-fn handle(
-    shared: &Arc<Shared>,
-    epoch: u64,
-    m: In,
-    ctl_tx: &mpsc::Sender<v1::AgentMessage>,
-    content_tx: &mpsc::Sender<v1::AgentMessage>,
-    uploads_allowed: &Arc<Semaphore>,
-    uploads: &mut JoinSet<()>,
-) {
-    match m {
-        In::Decision(d) => decide(shared, epoch, d),
-        In::ContentRequest(r) => {
-            let id = r.request_id;
-            let found = shared.pending.with(id, |ev| {
-                (ev.session == Some(epoch)).then(|| (ev.file.clone(), ev.hashed_len, ev.key))
-            });
-            match found.flatten() {
-                Some((file, len, key)) => {
-                    uploads.spawn(upload(
-                        shared.clone(),
-                        id,
-                        file,
-                        len,
-                        key,
-                        ctl_tx.clone(),
-                        content_tx.clone(),
-                        uploads_allowed.clone(),
-                    ));
-                }
-                None => {
-                    let _ = ctl_tx.try_send(unavailable(id, "no pending access with this id"));
-                }
-            }
-        }
-        In::Policy(u) => {
-            if let Some(p) = u.policy {
-                shared.set_policy(p.into(), false);
-            }
-            if let Some(set) = u.policy_set {
-                shared.set_policy_set(set.into());
-            }
-        }
-        In::Flush(f) => shared.flush(f.verdict_generation, &f.reason),
-        In::Accepted(a) => apply_accepted(shared, &a),
-        In::Heartbeat(_) => {}
-    }
+/// One batch of queued reports, and its messages.
+struct Framed {
+    reports: Vec<LocalReport>,
+    /// One per report (a counters-only one when there is none); the first carries the
+    /// counters.
+    wire: Vec<v1::AccessReport>,
+    allowed: u64,
+    dropped: u64,
 }
 
-fn unavailable(id: u64, reason: &str) -> v1::AgentMessage {
-    msg(Out::ContentUnavailable(v1::ContentUnavailable {
-        request_id: id,
-        reason: reason.to_string(),
-    }))
-}
-
-/// Applies a broker decision to its pending event, exactly once; a decision for an event that
-/// was already answered (deadline) is only counted.
-fn decide(shared: &Shared, epoch: u64, d: v1::Decision) {
-    let Some(ev) = shared.pending.take_for_session(d.request_id, epoch) else {
-        bump(&shared.counters.late_decisions);
-        debug!(id = d.request_id, "late decision ignored");
-        return;
-    };
-    let Some(action) = convert::action_from_proto(d.action) else {
-        shared.fail_pending(
-            ev,
-            "decision without an action",
-            v1::LocalReason::Unspecified,
-        );
-        return;
-    };
-    shared.answer(&ev.file, action);
-    bump(&shared.counters.broker_decisions);
-    if d.cacheable {
-        // Judged by the result alone: a blocking verdict with some other field malformed (so
-        // that it would not convert) must still keep the file from an ignore mark.
-        let blocking = d
-            .verdicts
-            .iter()
-            .find(|v| convert::verdict_kind_from_proto(v.result).blocks());
-        let threat_name = blocking.map(|v| v.threat_name.clone()).unwrap_or_default();
-        // A kernel ignore mark stands only for a clean file: an allow that rests on a blocking
-        // verdict (audit-only) must keep producing events, and a mark cannot expire with a ttl.
-        let ignorable = action == Action::Allow && blocking.is_none() && d.ttl_seconds == 0;
-        let expires = (d.ttl_seconds > 0)
-            .then(|| std::time::Instant::now() + Duration::from_secs(u64::from(d.ttl_seconds)));
-        shared.cache_decision(
-            &ev,
-            CachedDecision {
-                action,
-                reason: d.reason.clone(),
-                sha256: ev.sha256.map(|s| s.to_hex()).unwrap_or_default(),
-                threat_name,
-                ignorable,
-                expires,
-            },
-        );
+/// Takes a batch of queued reports and frames it: the first message carries the batch's
+/// counters; with no report, a counters-only message (action unspecified, no path: the broker
+/// records nothing for it but the counts) when `counters_only`, else no message at all and the
+/// counters wait for a later batch.
+fn framed(queue: &ReportQueue, counters_only: bool) -> Framed {
+    let batch = queue.take(REPORT_BATCH);
+    let mut wire: Vec<v1::AccessReport> = batch.reports.iter().map(Into::into).collect();
+    let counters = batch.allowed > 0 || batch.dropped > 0;
+    if wire.is_empty() && counters_only && counters {
+        wire.push(v1::AccessReport {
+            at_unix_ms: fleetscan_core::now_unix_ms(),
+            action: v1::Action::Unspecified.into(),
+            ..Default::default()
+        });
     }
-    debug!(id = d.request_id, action = action.as_str(), reason = %d.reason, "broker decision applied");
-}
-
-/// Uploads the hashed content of a pending event, read from its descriptor, in chunks of at
-/// most `CHUNK_SIZE`. Stops (saying why) when the event is no longer pending or the file
-/// changed since it was hashed.
-#[allow(clippy::too_many_arguments)]
-async fn upload(
-    shared: Arc<Shared>,
-    id: u64,
-    file: Arc<File>,
-    len: u64,
-    key: FileKey,
-    ctl_tx: mpsc::Sender<v1::AgentMessage>,
-    content_tx: mpsc::Sender<v1::AgentMessage>,
-    allowed: Arc<Semaphore>,
-) {
-    let Ok(_permit) = allowed.acquire_owned().await else {
-        return;
-    };
-    let check = file.clone();
-    let unchanged = tokio::task::spawn_blocking(move || {
-        fleetscan_fanotify::statx_fd(check.as_fd()).is_ok_and(|st| FileKey::from(&st) == key)
-    })
-    .await
-    .unwrap_or(false);
-    if !unchanged {
-        let _ = ctl_tx
-            .send(unavailable(id, "file changed since it was hashed"))
-            .await;
-        return;
+    match wire.first_mut() {
+        Some(first) => {
+            first.allowed_count += batch.allowed;
+            first.dropped_reports += batch.dropped;
+        }
+        None => queue.restore_counts(batch.allowed, batch.dropped),
     }
-    let mut offset = 0u64;
-    loop {
-        if !shared.pending.contains(id) {
-            let _ = ctl_tx
-                .send(unavailable(id, "access already decided (deadline)"))
-                .await;
-            return;
-        }
-        let n = usize::try_from((len - offset).min(CHUNK_SIZE as u64)).expect("chunk fits");
-        let f = file.clone();
-        let read = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; n];
-            f.read_exact_at(&mut buf, offset).map(|()| buf)
-        })
-        .await;
-        let data = match read {
-            Ok(Ok(d)) => d,
-            Ok(Err(e)) => {
-                let _ = ctl_tx
-                    .send(unavailable(id, &format!("read failed: {e}")))
-                    .await;
-                return;
-            }
-            Err(_) => return,
-        };
-        let last = offset + n as u64 >= len;
-        let chunk = v1::ContentChunk {
-            request_id: id,
-            offset,
-            data: data.into(),
-            last,
-        };
-        if content_tx.send(msg(Out::Content(chunk))).await.is_err() {
-            return;
-        }
-        offset += n as u64;
-        if last {
-            debug!(id, bytes = len, "content uploaded");
-            return;
-        }
+    Framed {
+        reports: batch.reports,
+        wire,
+        allowed: batch.allowed,
+        dropped: batch.dropped,
     }
 }
 
@@ -510,13 +408,140 @@ async fn upload(
 mod tests {
     use super::*;
 
+    const STEPS_MS: [u64; 7] = [100, 200, 400, 800, 1600, 2000, 2000];
+
+    /// Within the jitter (a random quarter of the step taken off), the wait is the step.
+    fn about(d: Duration, step_ms: u64) -> bool {
+        let step = Duration::from_millis(step_ms);
+        d <= step && d >= step * 3 / 4
+    }
+
+    fn backoff() -> Backoff {
+        Backoff::new(RECONNECT_FLOOR, RECONNECT_CEILING, WORKED_AFTER)
+    }
+
     #[test]
-    fn backoff_doubles_to_its_cap_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        let got: Vec<_> = (0..7).map(|_| b.next_delay().as_millis()).collect();
-        assert_eq!(got, [100, 200, 400, 800, 1600, 2000, 2000]);
+    fn reconnect_waits_double_to_their_cap_and_reset() {
+        let mut b = backoff();
+        let got: Vec<_> = (0..7).map(|_| reconnect_delay(&mut b, None)).collect();
+        for (d, step) in got.iter().zip(STEPS_MS) {
+            assert!(about(*d, step), "{got:?}");
+        }
         b.reset();
-        assert_eq!(b.next_delay(), Duration::from_millis(100));
+        assert!(about(reconnect_delay(&mut b, None), 100));
+    }
+
+    /// A broker that crashes after its session worked for a while: the agent is back within
+    /// the floor each time, however many crashes came before (with a backoff reset only by a
+    /// clean end, each crash added to the next wait: 0.1, 0.2, 0.4 … 2 s).
+    #[test]
+    fn each_crash_of_a_broker_that_worked_is_followed_by_a_quick_reconnect() {
+        let mut b = backoff();
+        for crash in 0..6 {
+            let d = reconnect_delay(&mut b, Some(Duration::from_millis(1500)));
+            assert!(about(d, 100), "crash {crash}: waited {d:?}");
+        }
+        // Also after failed attempts made the waits grow.
+        for _ in 0..5 {
+            reconnect_delay(&mut b, None);
+        }
+        let d = reconnect_delay(&mut b, Some(WORKED_AFTER));
+        assert!(about(d, 100), "{d:?}");
+    }
+
+    /// A broker that accepts and then fails at once is not hammered.
+    #[test]
+    fn a_session_that_ends_at_once_keeps_the_waits_growing() {
+        let mut b = backoff();
+        let got: Vec<_> = (0..7)
+            .map(|_| reconnect_delay(&mut b, Some(Duration::from_millis(10))))
+            .collect();
+        for (d, step) in got.iter().zip(STEPS_MS) {
+            assert!(about(*d, step), "{got:?}");
+        }
+    }
+
+    fn report(path: &str) -> LocalReport {
+        LocalReport {
+            at_unix_ms: 0,
+            action: fleetscan_core::Action::Deny,
+            reason: fleetscan_core::LocalReason::Cached,
+            sha256: None,
+            subject: fleetscan_core::Subject::default(),
+            path: path.into(),
+            host_path: String::new(),
+            kind: fleetscan_core::AccessKind::Open,
+            threat_name: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_first_report_of_a_batch_carries_the_counters() {
+        let q = ReportQueue::new(2);
+        q.push(report("a"));
+        q.push(report("b"));
+        q.push(report("c"));
+        q.count_allowed();
+        q.count_allowed();
+        let got = framed(&q, false).wire;
+        assert_eq!(
+            got.iter().map(|r| r.path.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert_eq!(got[0].reason, i32::from(v1::LocalReason::Cached));
+        assert_eq!(got[0].dropped_reports, 1);
+        assert_eq!(got[0].allowed_count, 2);
+        assert_eq!(got[1].dropped_reports, 0);
+        // Counters were sent once: nothing left.
+        assert!(framed(&q, true).wire.is_empty());
+    }
+
+    #[test]
+    fn counters_only_report_when_nothing_else_to_send() {
+        let q = ReportQueue::new(2);
+        assert!(framed(&q, true).wire.is_empty());
+        q.count_allowed();
+        assert!(framed(&q, false).wire.is_empty(), "counters kept for later");
+        let got = framed(&q, true).wire;
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].allowed_count, 1);
+        assert!(got[0].path.is_empty());
+        assert_eq!(got[0].action, i32::from(v1::Action::Unspecified));
+    }
+
+    #[test]
+    fn reports_that_do_not_fit_wait_with_their_counters() {
+        let q = ReportQueue::new(3);
+        q.push(report("a"));
+        q.push(report("b"));
+        q.count_allowed();
+        // Room for one message: "a" (with the counters) goes, "b" waits.
+        let (tx, mut rx) = mpsc::channel(1);
+        flush_reports(&q, &tx, false);
+        let Some(Out::Report(sent)) = rx.try_recv().unwrap().msg else {
+            panic!("a report")
+        };
+        assert_eq!((sent.path.as_str(), sent.allowed_count), ("a", 1));
+        q.push(report("c"));
+        let again = framed(&q, false).wire;
+        assert_eq!(
+            again.iter().map(|r| r.path.as_str()).collect::<Vec<_>>(),
+            ["b", "c"]
+        );
+        assert_eq!(again[0].allowed_count, 0, "counters went with a");
+        // None fits: everything, counters too, waits.
+        let (full, _rx) = mpsc::channel(1);
+        full.try_send(msg(Out::Heartbeat(v1::Heartbeat::default())))
+            .unwrap();
+        q.push(report("d"));
+        q.count_allowed();
+        flush_reports(&q, &full, false);
+        let kept = framed(&q, false).wire;
+        assert_eq!(
+            kept.iter().map(|r| r.path.as_str()).collect::<Vec<_>>(),
+            ["d"]
+        );
+        assert_eq!(kept[0].allowed_count, 1);
     }
 
     #[tokio::test]
