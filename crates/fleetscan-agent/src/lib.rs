@@ -9,7 +9,8 @@
 //! - **deadline** (one OS thread, `deadline.rs`): answers every waiting access whose deadline
 //!   passed with the fail mode. Waits on nothing but its condition variable.
 //! - **hashers** (a few OS threads, `hashers.rs`): hash through the event's descriptor, hand
-//!   the access to the session, which sends the request.
+//!   the access to the session and put its request on the wire through the session's link.
+//!   Wait on nothing but their queue and the file's content.
 //! - **marks** (one OS thread, `marks.rs`): hears lease breaks and takes ignore marks away.
 //! - **session** (tokio, in [`Agent::run`], `session/`): the broker stream; decisions,
 //!   uploads, reports. The only code that knows protocol types.
@@ -19,8 +20,8 @@
 //! thread throughout. Its answer is taken exactly once, by whichever thread comes first;
 //! `access.rs` is where every answer and every local decision is made.
 //!
-//! Modules, each using only those listed before it: `config`, `stats`, `cache`, `deadline`,
-//! `mounts`, `subject`, `paths`, `pods`, `scope`, `reports`, `marks`; `interceptor` (what
+//! Modules, each using only those listed before it: `stats`, `cache`, `deadline`, `mounts`,
+//! `subject`, `paths`, `pods`, `config`, `scope`, `reports`, `marks`; `interceptor` (what
 //! every thread needs to answer); `access`; `session`; `hashers`; `reader`; this file.
 //!
 //! The invariants, each tested in `tests/`: every event is answered within the effective

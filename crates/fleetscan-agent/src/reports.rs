@@ -125,12 +125,13 @@ impl ReportQueue {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use fleetscan_core::{AccessKind, Action, LocalReason, Subject};
 
     use super::*;
 
-    fn report(path: &str) -> LocalReport {
+    /// A report of a cached denial of `path`.
+    pub(crate) fn report(path: &str) -> LocalReport {
         LocalReport {
             at_unix_ms: 0,
             action: Action::Deny,

@@ -407,6 +407,7 @@ fn framed(queue: &ReportQueue, counters_only: bool) -> Framed {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reports::tests::report;
 
     const STEPS_MS: [u64; 7] = [100, 200, 400, 800, 1600, 2000, 2000];
 
@@ -458,20 +459,6 @@ mod tests {
             .collect();
         for (d, step) in got.iter().zip(STEPS_MS) {
             assert!(about(*d, step), "{got:?}");
-        }
-    }
-
-    fn report(path: &str) -> LocalReport {
-        LocalReport {
-            at_unix_ms: 0,
-            action: fleetscan_core::Action::Deny,
-            reason: fleetscan_core::LocalReason::Cached,
-            sha256: None,
-            subject: fleetscan_core::Subject::default(),
-            path: path.into(),
-            host_path: String::new(),
-            kind: fleetscan_core::AccessKind::Open,
-            threat_name: String::new(),
         }
     }
 

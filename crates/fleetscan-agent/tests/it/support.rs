@@ -331,7 +331,7 @@ pub struct Env {
 
 /// Held for as long as a test runs.
 enum Turn {
-    Shared(#[allow(dead_code, reason = "held, not read")] RwLockReadGuard<'static, ()>),
+    Alongside(#[allow(dead_code, reason = "held, not read")] RwLockReadGuard<'static, ()>),
     Alone(#[allow(dead_code, reason = "held, not read")] RwLockWriteGuard<'static, ()>),
 }
 
@@ -341,7 +341,7 @@ static MACHINE: RwLock<()> = RwLock::new(());
 /// The environment of a test that runs alongside the others.
 pub fn env() -> Env {
     // A test that failed while alone poisons the lock; the others still run.
-    let turn = Turn::Shared(MACHINE.read().unwrap_or_else(PoisonError::into_inner));
+    let turn = Turn::Alongside(MACHINE.read().unwrap_or_else(PoisonError::into_inner));
     make_env(turn)
 }
 
