@@ -2,16 +2,18 @@
 //!
 //! The key is (device, inode, ctime, mtime, size), times to the nanosecond: rewriting a file
 //! changes its ctime, so the new content never hits the old entry. A key is only ever stored
-//! for content hashed while the file had no writer (see `pool.rs`), so the content behind a key
-//! is the content of that version, never a write caught half-way. Every entry belongs to one verdict generation (the
-//! broker's rule-set epoch); a new generation or a flush empties the cache. Pure code: no I/O,
-//! no clock of its own (callers pass `now`).
+//! for content hashed while the file had no writer (see `hashers.rs`), so the content behind a
+//! key is the content of that version, never a write caught half-way. Every entry belongs to
+//! one verdict generation (the broker's rule-set epoch); a new generation or a flush empties
+//! the cache.
+//!
+//! Pure code: no I/O, no clock of its own (callers pass `now`), no lock (its owner's).
 
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::Instant;
 
-use fleetscan_core::Action;
+use fleetscan_core::{Action, Sha256};
 use fleetscan_fanotify::FileStat;
 use lru::LruCache;
 
@@ -62,7 +64,7 @@ impl From<&FileStat> for FileKey {
 pub(crate) struct CachedDecision {
     pub action: Action,
     pub reason: String,
-    pub sha256: String,
+    pub sha256: Option<Sha256>,
     pub threat_name: String,
     /// Whether a kernel ignore mark may stand for this decision (clean, no expiry).
     pub ignorable: bool,
@@ -151,7 +153,7 @@ mod tests {
         CachedDecision {
             action: Action::Allow,
             reason: "clean".into(),
-            sha256: String::new(),
+            sha256: None,
             threat_name: String::new(),
             ignorable: true,
             expires: None,

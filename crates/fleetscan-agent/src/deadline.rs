@@ -1,44 +1,90 @@
-//! The deadline enforcer's clock: a min-heap of (deadline, event id) and a condition variable,
+//! The deadline enforcer's clock: a min-heap of (deadline, item) and a condition variable,
 //! driven by a dedicated OS thread.
 //!
 //! It depends on nothing but the standard library and a mutex: not on the tokio runtime, not
-//! on the network, not on the hashing threads. Whatever else is stuck, an event whose deadline
-//! passes is handed to the expiry callback. It never answers anything itself: the callback takes
-//! the event out of the pending map (the exactly-once gate) and answers it if still there.
+//! on the network, not on the hashing threads. Whatever else is stuck, an item whose deadline
+//! passes is handed to the expiry callback. It never answers anything itself: the agent's
+//! callback tries the access's exactly-once gate (see `access.rs`), which is a no-op for an
+//! access answered meanwhile.
 
-use std::cmp::Reverse;
+use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
 
-#[derive(Debug, Default)]
-struct State {
-    heap: BinaryHeap<Reverse<(Instant, u64)>>,
+/// One scheduled item, ordered by its deadline (then by arrival, so that equal deadlines keep
+/// their order and the item type needs no order of its own).
+#[derive(Debug)]
+struct Entry<T> {
+    at: Instant,
+    seq: u64,
+    item: T,
+}
+
+impl<T> PartialEq for Entry<T> {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+
+impl<T> Eq for Entry<T> {}
+
+impl<T> PartialOrd for Entry<T> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<T> Ord for Entry<T> {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
+
+#[derive(Debug)]
+struct State<T> {
+    heap: BinaryHeap<Reverse<Entry<T>>>,
+    seq: u64,
     stopped: bool,
 }
 
-#[derive(Debug, Default)]
-pub(crate) struct DeadlineQueue {
-    state: Mutex<State>,
+#[derive(Debug)]
+pub(crate) struct DeadlineQueue<T> {
+    state: Mutex<State<T>>,
     wake: Condvar,
 }
 
-impl DeadlineQueue {
+impl<T> DeadlineQueue<T> {
     pub fn new() -> Self {
-        Self::default()
+        DeadlineQueue {
+            state: Mutex::new(State {
+                heap: BinaryHeap::new(),
+                seq: 0,
+                stopped: false,
+            }),
+            wake: Condvar::new(),
+        }
     }
 
-    /// Schedules `id` to expire at `at`. Answered events stay in the heap until their time and
-    /// are then skipped by the callback (the heap holds at most a deadline's worth of events).
-    pub fn push(&self, at: Instant, id: u64) {
+    /// Schedules `item` to expire at `at`. Items answered before their time stay in the heap
+    /// until then and are skipped by the callback (the heap holds at most a deadline's worth).
+    pub fn push(&self, at: Instant, item: T) {
         let mut s = self.state.lock();
-        let earliest = s.heap.peek().is_none_or(|Reverse((t, _))| at < *t);
-        s.heap.push(Reverse((at, id)));
+        let earliest = s.heap.peek().is_none_or(|Reverse(e)| at < e.at);
+        s.seq += 1;
+        let seq = s.seq;
+        s.heap.push(Reverse(Entry { at, seq, item }));
         drop(s);
         if earliest {
             self.wake.notify_one();
         }
+    }
+
+    /// Takes every item still scheduled, in no particular order (the agent's shutdown).
+    pub fn drain(&self) -> Vec<T> {
+        let heap = std::mem::take(&mut self.state.lock().heap);
+        heap.into_iter().map(|Reverse(e)| e.item).collect()
     }
 
     /// Ends [`DeadlineQueue::run`].
@@ -47,23 +93,25 @@ impl DeadlineQueue {
         self.wake.notify_all();
     }
 
-    /// Calls `on_expire(id)` for every id whose deadline has passed, in deadline order, until
-    /// [`DeadlineQueue::stop`]. The lock is not held during the callback.
-    pub fn run(&self, mut on_expire: impl FnMut(u64)) {
+    /// Calls `on_expire(item)` for every item whose deadline has passed, in deadline order,
+    /// until [`DeadlineQueue::stop`]. The lock is not held during the callback.
+    pub fn run(&self, mut on_expire: impl FnMut(T)) {
         let mut s = self.state.lock();
         loop {
             if s.stopped {
                 return;
             }
             let now = Instant::now();
-            match s.heap.peek().copied() {
-                Some(Reverse((at, id))) if at <= now => {
-                    s.heap.pop();
+            match s.heap.peek().map(|Reverse(e)| e.at) {
+                Some(at) if at <= now => {
+                    let Some(Reverse(e)) = s.heap.pop() else {
+                        continue;
+                    };
                     drop(s);
-                    on_expire(id);
+                    on_expire(e.item);
                     s = self.state.lock();
                 }
-                Some(Reverse((at, _))) => {
+                Some(at) => {
                     self.wake.wait_until(&mut s, at);
                 }
                 None => self.wake.wait(&mut s),
@@ -102,5 +150,27 @@ mod tests {
         }
         q.stop();
         t.join().unwrap();
+    }
+
+    #[test]
+    fn equal_deadlines_keep_their_order_and_drain_takes_the_rest() {
+        let q = DeadlineQueue::new();
+        let at = Instant::now();
+        for i in 0..5 {
+            q.push(at, i);
+        }
+        q.push(at + Duration::from_secs(60), 9);
+        let mut got = Vec::new();
+        let stop = std::cell::Cell::new(false);
+        // Stops from inside the callback once the due items are in.
+        q.run(|i| {
+            got.push(i);
+            if got.len() == 5 && !stop.replace(true) {
+                q.stop();
+            }
+        });
+        assert_eq!(got, [0, 1, 2, 3, 4]);
+        assert_eq!(q.drain(), [9]);
+        assert!(q.drain().is_empty());
     }
 }

@@ -3,18 +3,32 @@
 //! never lets one wait past its deadline.
 //!
 //! Threads and what each may wait on:
-//! - **reader** (one OS thread): reads the group, answers its own process, unprotected files,
-//!   cache hits and no-broker cases at once; parks the rest with a deadline. Waits on nothing
-//!   but `poll(2)`.
-//! - **deadline** (one OS thread): answers every parked event whose deadline passed with the
-//!   fail mode. Waits on nothing but its condition variable.
-//! - **hashing pool** (a few OS threads): hash through the event's descriptor, send the request.
-//! - **session** (tokio, in [`Agent::run`]): the broker stream; decisions, uploads, reports.
+//! - **reader** (one OS thread, `reader.rs`): reads the group, answers its own process,
+//!   unprotected files, cache hits and no-broker cases at once; makes the rest waiting
+//!   accesses. Waits on nothing but `poll(2)`.
+//! - **deadline** (one OS thread, `deadline.rs`): answers every waiting access whose deadline
+//!   passed with the fail mode. Waits on nothing but its condition variable.
+//! - **hashers** (a few OS threads, `hashers.rs`): hash through the event's descriptor, hand
+//!   the access to the session and put its request on the wire through the session's link.
+//!   Wait on nothing but their queue and the file's content.
+//! - **marks** (one OS thread, `marks.rs`): hears lease breaks and takes ignore marks away.
+//! - **session** (tokio, in [`Agent::run`], `session/`): the broker stream; decisions,
+//!   uploads, reports. The only code that knows protocol types.
 //!
-//! The invariants, each tested in `tests/agent.rs`: every event is answered within the
-//! effective deadline (≤ 5 s) exactly once, whatever fails; the agent's own accesses are allowed
-//! first, before any other work; unprotected files never wait on the broker; the answer to the
-//! kernel comes before any log or report.
+//! One value travels between them: an `access::Access`, made by the reader, owned by a hashing
+//! thread while hashed, then by the session until decided, and scheduled with the deadline
+//! thread throughout. Its answer is taken exactly once, by whichever thread comes first;
+//! `access.rs` is where every answer and every local decision is made.
+//!
+//! Modules, each using only those listed before it: `stats`, `cache`, `deadline`, `mounts`,
+//! `subject`, `paths`, `pods`, `config`, `scope`, `reports`, `marks`; `interceptor` (what
+//! every thread needs to answer); `access`; `session`; `hashers`; `reader`; this file.
+//!
+//! The invariants, each tested in `tests/`: every event is answered within the effective
+//! deadline (≤ 5 s) exactly once, whatever fails; the agent's own accesses are allowed first,
+//! before any other work; unprotected files never wait on the broker; the answer to the
+//! kernel comes before any log or report; content is read only through the event's
+//! descriptor.
 
 #![forbid(unsafe_code)]
 
@@ -22,115 +36,36 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
-use fleetscan_core::FailMode;
 use fleetscan_fanotify::{Fanotify, FanotifyError, InitOptions, PERMISSION_MASK};
 use parking_lot::Mutex;
 use tracing::{info, warn};
 
+mod access;
 mod cache;
+mod config;
 mod deadline;
+mod hashers;
+mod interceptor;
 mod marks;
 mod mounts;
 mod paths;
-mod pending;
 pub mod pods;
-mod pool;
 mod reader;
 mod reports;
 mod scope;
 mod session;
-mod state;
+mod stats;
 mod subject;
 
+pub use config::{AgentConfig, AgentTuning};
+pub use stats::{Stats, StatsSnapshot};
+
+use access::Access;
+use deadline::DeadlineQueue;
+use interceptor::Interceptor;
 use mounts::{MountTable, ProtectedDir, Protection};
-use state::{Counters, Shared, bump};
-
-/// What the agent protects and where its brokers are.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AgentConfig {
-    /// Broker URLs ("http://127.0.0.1:7700"), tried in order, then round again.
-    pub brokers: Vec<String>,
-    /// Directories whose files are scanned. Their whole filesystems are marked; files outside
-    /// these directories are allowed at once.
-    pub protect: Vec<PathBuf>,
-    pub node: String,
-    pub cluster: String,
-    /// Until the broker's policy arrives, and when no broker was ever reached.
-    pub fail_mode: FailMode,
-    /// Local cap on waiting for a decision; effective = min(this, the policy's), never above
-    /// 5 s.
-    pub decision_deadline: Duration,
-    /// Until the broker's policy arrives.
-    pub max_file_size: u64,
-    /// Kernel ignore marks for clean files, so their next opens cost nothing.
-    pub ignore_marks: bool,
-    /// Entries of the local verdict cache.
-    pub cache_capacity: usize,
-    /// Where pod metadata (name, namespace, labels, images) comes from.
-    pub pods: pods::PodSource,
-    /// How long a pod that went away still resolves, for late events.
-    pub pod_retention: Duration,
-}
-
-impl Default for AgentConfig {
-    /// One local broker, nothing protected, fail-open, 5 s, 64 MiB, ignore marks on, 100,000
-    /// cache entries; the node is the host name, the cluster "default".
-    fn default() -> Self {
-        AgentConfig {
-            brokers: vec!["http://127.0.0.1:7700".into()],
-            protect: Vec::new(),
-            node: std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|s| s.trim().to_string())
-                .unwrap_or_else(|_| "localhost".into()),
-            cluster: "default".into(),
-            fail_mode: FailMode::Open,
-            decision_deadline: fleetscan_core::policy::MAX_DECISION_DEADLINE,
-            max_file_size: 64 * 1024 * 1024,
-            ignore_marks: true,
-            cache_capacity: 100_000,
-            pods: pods::PodSource::None,
-            pod_retention: Duration::from_secs(300),
-        }
-    }
-}
-
-/// Internal limits, rarely changed; tests shrink them.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AgentTuning {
-    /// Events parked at once; beyond it, the fail mode answers at once (and is counted).
-    pub max_pending: usize,
-    /// Threads that hash content.
-    pub hash_threads: usize,
-    /// Reports waiting for a broker; beyond it they are dropped and counted.
-    pub report_queue: usize,
-    /// Control messages queued towards the broker in one session.
-    pub session_queue: usize,
-    /// Content uploads at once.
-    pub upload_concurrency: usize,
-    pub heartbeat: Duration,
-    /// For connecting and for the broker's `SessionAccepted`.
-    pub connect_timeout: Duration,
-    /// Kernel ignore marks kept at once (each holds a descriptor and a read lease); beyond it
-    /// the oldest is removed.
-    pub max_marks: usize,
-}
-
-impl Default for AgentTuning {
-    fn default() -> Self {
-        AgentTuning {
-            max_pending: 4096,
-            hash_threads: 2,
-            report_queue: 10_000,
-            session_queue: 1024,
-            upload_concurrency: 4,
-            heartbeat: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(2),
-            max_marks: 16_384,
-        }
-    }
-}
+use session::SessionSlot;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -152,74 +87,6 @@ pub enum AgentError {
     Thread(#[source] std::io::Error),
 }
 
-/// A point-in-time copy of the agent's counters.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct StatsSnapshot {
-    /// Permission events from other processes.
-    pub events: u64,
-    /// The agent's own accesses, allowed first thing (not in `events`).
-    pub own_pid: u64,
-    /// Allowed at once: outside the protected directories, or not a regular file.
-    pub unprotected: u64,
-    /// Allowed at once because their policy does not scan them (exec-only opens, exclusions).
-    pub skipped: u64,
-    pub cache_hits: u64,
-    pub ignore_marks: u64,
-    /// Answered by the deadline thread with the fail mode.
-    pub deadline_expiries: u64,
-    /// Answered with the fail mode because no broker session was up (or it was lost).
-    pub no_broker: u64,
-    /// Answered with the fail mode because too much was pending or queued; also reads that
-    /// failed for want of descriptors (the kernel denied at least one access each time).
-    pub overloaded: u64,
-    pub broker_decisions: u64,
-    /// Decisions that came after the event was answered.
-    pub late_decisions: u64,
-    pub oversize: u64,
-    pub unreadable: u64,
-    pub queue_overflows: u64,
-    /// Broker sessions accepted so far.
-    pub sessions: u64,
-    pub requests_sent: u64,
-    /// Broker decisions stored in the local cache.
-    pub decisions_cached: u64,
-    /// Cache and ignore-mark flushes (CacheFlush, or a new verdict generation).
-    pub flushes: u64,
-    pub reports_dropped: u64,
-}
-
-/// A handle on the agent's counters; cheap to clone, valid after the agent is gone.
-#[derive(Clone, Debug)]
-pub struct Stats(Arc<Counters>);
-
-impl Stats {
-    pub fn snapshot(&self) -> StatsSnapshot {
-        let c = &self.0;
-        let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        StatsSnapshot {
-            events: g(&c.events),
-            own_pid: g(&c.own_pid),
-            unprotected: g(&c.unprotected),
-            skipped: g(&c.skipped),
-            cache_hits: g(&c.cache_hits),
-            ignore_marks: g(&c.ignore_marks),
-            deadline_expiries: g(&c.deadline_expiries),
-            no_broker: g(&c.no_broker),
-            overloaded: g(&c.overloaded),
-            broker_decisions: g(&c.broker_decisions),
-            late_decisions: g(&c.late_decisions),
-            oversize: g(&c.oversize),
-            unreadable: g(&c.unreadable),
-            queue_overflows: g(&c.queue_overflows),
-            sessions: g(&c.sessions),
-            requests_sent: g(&c.requests_sent),
-            decisions_cached: g(&c.decisions_cached),
-            flushes: g(&c.flushes),
-            reports_dropped: g(&c.reports_dropped),
-        }
-    }
-}
-
 struct Threads {
     reader: JoinHandle<()>,
     deadline: JoinHandle<()>,
@@ -228,14 +95,17 @@ struct Threads {
 
 /// A running agent: protection is active from [`Agent::start`] on.
 pub struct Agent {
-    shared: Arc<Shared>,
+    ic: Arc<Interceptor>,
+    /// Every waiting access, until its deadline.
+    deadlines: Arc<DeadlineQueue<Arc<Access>>>,
+    session: Arc<SessionSlot>,
     threads: Mutex<Option<Threads>>,
 }
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Agent")
-            .field("protect", &self.shared.config.protect)
+            .field("protect", &self.ic.config.protect)
             .finish_non_exhaustive()
     }
 }
@@ -308,6 +178,14 @@ fn fit_descriptor_limit(tuning: &mut AgentTuning) {
     }
 }
 
+/// Starts a named agent thread.
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, AgentError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(AgentError::Thread)
+}
+
 impl Agent {
     /// Creates the fanotify group and places the filesystem marks. When this returns Ok,
     /// protection is active (unknown files get the fail mode until a broker answers).
@@ -346,45 +224,54 @@ impl Agent {
             .map(|p| protected_dir(p, &mut mounts))
             .collect::<Result<Vec<_>, _>>()?;
         let protect = config.protect.clone();
-        let shared = Arc::new(Shared::new(group, config, tuning, Protection::new(dirs)));
+        let ic = Arc::new(Interceptor::new(
+            group,
+            config,
+            tuning,
+            Protection::new(dirs),
+        ));
+        let deadlines = Arc::new(DeadlineQueue::new());
+        let session = Arc::new(SessionSlot::default());
 
         let deadline = {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name("fleetscan-deadline".into())
-                .spawn(move || {
-                    shared.deadlines.run(|id| {
-                        if let Some(ev) = shared.pending.take(id) {
-                            bump(&shared.counters.deadline_expiries);
-                            shared.fail_pending(
-                                ev,
-                                "no decision before the deadline",
-                                fleetscan_proto::v1::LocalReason::Deadline,
-                            );
-                        }
-                    });
-                })
-                .map_err(AgentError::Thread)?
+            let (ic, deadlines) = (ic.clone(), deadlines.clone());
+            spawn("fleetscan-deadline", move || {
+                deadlines.run(|a: Arc<Access>| {
+                    access::fail(&ic, &a, access::Failure::Deadline);
+                });
+            })?
         };
         // The hashing threads are not joined at shutdown: one may sit in a slow read, and the
-        // events it works on are answered without it. They end once the reader (which owns
+        // accesses it works on are answered without it. They end once the reader (which owns
         // the submitting side) is gone and their queue is empty.
-        let (pool, _workers) = pool::start(
-            &shared,
-            shared.tuning.hash_threads,
-            shared.tuning.max_pending,
-        )
-        .map_err(AgentError::Thread)?;
-        let marks = marks::start(&shared).map_err(AgentError::Thread)?;
+        let (hashers, _threads) =
+            hashers::start(&ic, &session, ic.tuning.hash_threads, ic.tuning.max_pending)
+                .map_err(AgentError::Thread)?;
+        let marks = {
+            let ic = ic.clone();
+            let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+            let handle = spawn("fleetscan-marks", move || {
+                ic.marks.serve(&ic.group, &ic.stopping, || {
+                    let _ = ready_tx.send(());
+                });
+            })?;
+            // No mark may be placed before the thread can hear its lease break.
+            let _ = ready_rx.recv();
+            handle
+        };
         let reader = {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name("fleetscan-reader".into())
-                .spawn(move || reader::run(shared, mounts, pool))
-                .map_err(AgentError::Thread)?
+            let waits = reader::Waits {
+                deadlines: deadlines.clone(),
+                session: session.clone(),
+                hashers,
+            };
+            let ic = ic.clone();
+            spawn("fleetscan-reader", move || reader::run(ic, mounts, waits))?
         };
         let agent = Agent {
-            shared,
+            ic,
+            deadlines,
+            session,
             threads: Mutex::new(Some(Threads {
                 reader,
                 deadline,
@@ -393,12 +280,9 @@ impl Agent {
         };
         // Marks last: from here on events flow, and every thread that answers them is up.
         for path in &protect {
-            agent
-                .shared
-                .group
-                .add_filesystem_mark(path, PERMISSION_MASK)?;
+            agent.ic.group.add_filesystem_mark(path, PERMISSION_MASK)?;
         }
-        for d in agent.shared.protection.dirs() {
+        for d in agent.ic.protection.dirs() {
             info!(
                 path = %d.configured.display(),
                 fs_path = %d.fs_path.display(),
@@ -411,22 +295,22 @@ impl Agent {
 
     /// The agent's counters.
     pub fn stats(&self) -> Stats {
-        Stats(self.shared.counters.clone())
+        Stats(self.ic.counters.clone())
     }
 
     /// Runs the broker sessions until `shutdown`; then removes the marks and allows everything
     /// still pending, as closing the group would.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
-        let shared = self.shared.clone();
+        let ic = self.ic.clone();
         tokio::select! {
             // The flag is set before the session future is dropped, so that the session's end
-            // leaves its pending events to the shutdown (allow) instead of the fail mode.
-            () = async { shutdown.await; shared.shutting_down.store(true, Ordering::SeqCst) } => {}
-            () = session::run(self.shared.clone()) => {}
+            // leaves its waiting accesses to the shutdown (allow) instead of the fail mode.
+            () = async { shutdown.await; ic.shutting_down.store(true, Ordering::SeqCst) } => {}
+            () = session::run(self.ic.clone(), self.session.clone()) => {}
             () = pods::run(
-                self.shared.pods.clone(),
-                self.shared.config.pods.clone(),
-                self.shared.config.node.clone(),
+                self.ic.pods.clone(),
+                self.ic.config.pods.clone(),
+                self.ic.config.node.clone(),
             ) => {}
         }
         // Joining the reader takes up to one poll interval: off the runtime's threads.
@@ -439,17 +323,18 @@ impl Agent {
         let Some(threads) = self.threads.lock().take() else {
             return;
         };
-        let s = &self.shared;
+        let ic = &self.ic;
         // No new events from here on; the reader allows what is still queued as it exits.
-        if let Err(e) = s.group.flush_filesystem_marks() {
+        if let Err(e) = ic.group.flush_filesystem_marks() {
             warn!(error = %e, "removing the filesystem marks failed");
         }
-        s.stopping.store(true, Ordering::SeqCst);
+        ic.stopping.store(true, Ordering::SeqCst);
         let _ = threads.reader.join();
-        for (_, ev) in s.pending.drain_all() {
-            s.answer(&ev.file, fleetscan_core::Action::Allow);
+        // Every waiting access is scheduled until its deadline: allow them all.
+        for a in self.deadlines.drain() {
+            access::allow_on_shutdown(ic, &a);
         }
-        s.deadlines.stop();
+        self.deadlines.stop();
         let _ = threads.deadline.join();
         let _ = threads.marks.join();
         info!("agent stopped");

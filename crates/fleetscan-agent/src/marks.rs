@@ -16,10 +16,15 @@
 //! [`LIFETIME`] (the file's next open after that is answered from the verdict cache and marks
 //! it again: one event per file per lifetime); and a deleted file's goes at the next sweep
 //! (every [`SWEEP`]).
+//!
+//! Never: a mark without its lease (when a mark cannot be removed, every mark goes), a mark on
+//! a file whose identity is not the judged one, or an open of a file (it works on descriptors
+//! it is given).
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -108,8 +113,24 @@ impl Marks {
         }
     }
 
-    /// Marks `file` if its identity is still `key` (see [`mark_if_unchanged`]) and keeps
-    /// the mark under a read lease. Returns whether a mark was placed now.
+    /// Marks `file` if its identity is still `key` and keeps the mark under a read lease that
+    /// a writer's open takes away together with the mark. Returns whether a mark was placed
+    /// now.
+    ///
+    /// The kernel clears an ignore mask on the first modify event *after* the mark is there; a
+    /// write that finished before it is only seen in the identity. So the mark goes on only
+    /// under the read lease (no writer has the file open, none can open it until the lease is
+    /// given up, so no write is under way and the file has no writable mapping) and only when
+    /// the identity, taken under that lease, is still `key` (ctime and mtime to the
+    /// nanosecond: on this kernel's multigrain filesystems a change after our statx always
+    /// gets a new ctime). The check comes *before* the mark (see [`mark_if_unchanged`]): a
+    /// write may have come and gone since the content was judged (a cache hit's answer lets
+    /// the writer go on at once, and a decision can arrive after the file changed), and a mark
+    /// placed on the new version even for a moment hides every open made in that moment.
+    ///
+    /// No lease, no mark: a file open for writing is about to change, and a filesystem
+    /// without leases (network filesystems) cannot keep a writer out, nor report a remote
+    /// write as a modify event.
     pub fn place(&self, group: &Fanotify, file: &File, key: &FileKey) -> bool {
         let Some(notices) = self.notices.get() else {
             return false;
@@ -123,7 +144,7 @@ impl Marks {
         // A descriptor of our own: the lease's notices name it, and it lives as long as the
         // mark, whatever becomes of the event's. It is a duplicate, so the lease belongs to the
         // event's open file description too: nothing may take or drop a lease through the
-        // event's descriptor from here on (the hashing pool's lease on it ended before the
+        // event's descriptor from here on (the hashing thread's lease on it ended before the
         // decision that led here could be made).
         let own = match file.try_clone() {
             Ok(f) => f,
@@ -268,7 +289,7 @@ impl MarkTarget for KernelMark<'_> {
 }
 
 /// Under a read lease: marks the file only if its identity is still `key`, compared before the
-/// mark (see `Shared::place_ignore_mark`) and again after (a lease the kernel revoked after
+/// mark (see [`Marks::place`]) and again after (a lease the kernel revoked after
 /// lease-break-time would have let a writer in). Returns whether a mark stands.
 fn mark_if_unchanged(target: &impl MarkTarget, key: &FileKey) -> bool {
     if target.identity().as_ref() != Some(key) {
@@ -285,60 +306,49 @@ fn mark_if_unchanged(target: &impl MarkTarget, key: &FileKey) -> bool {
     false
 }
 
-/// The marks thread: hears lease breaks and gives up their marks until `stopping` is set.
-/// Returns once it can hear them (or could not: then no mark is ever placed).
-pub(crate) fn start(
-    shared: &Arc<crate::state::Shared>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    let shared = shared.clone();
-    let handle = std::thread::Builder::new()
-        .name("fleetscan-marks".into())
-        .spawn(move || {
-            let notices = match LeaseNotices::for_this_thread() {
-                Ok(n) => Arc::new(n),
-                Err(e) => {
-                    warn!(error = %e, "lease-break notices unavailable, no ignore marks");
-                    let _ = tx.send(());
-                    return;
-                }
-            };
-            let _ = shared.marks.notices.set(notices.clone());
-            let _ = tx.send(());
-            run(&shared, &notices);
-        })?;
-    let _ = rx.recv();
-    Ok(handle)
-}
-
-fn run(shared: &crate::state::Shared, notices: &LeaseNotices) {
-    use std::sync::atomic::Ordering;
-    let mut last_sweep = Instant::now();
-    while !shared.stopping.load(Ordering::SeqCst) {
-        let mut fds = [fleetscan_fanotify::PollFd::new(
-            notices.as_fd(),
-            fleetscan_fanotify::POLLIN,
-        )];
-        if let Err(e) = fleetscan_fanotify::poll(&mut fds, Some(Duration::from_millis(100))) {
-            warn!(error = %e, "waiting for lease-break notices failed");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let mut lost = false;
-        match notices.take() {
-            Ok(n) => {
-                for fd in n.broken {
-                    shared.marks.broken(&shared.group, fd);
-                }
-                lost = n.lost;
+impl Marks {
+    /// The marks thread's body: hears lease breaks and gives up their marks until `stopping`
+    /// is set, then removes every mark. Calls `ready` once it can hear breaks (or found that
+    /// it cannot: then no mark is ever placed), so that the caller can wait for that before
+    /// any event flows.
+    pub fn serve(&self, group: &Fanotify, stopping: &AtomicBool, ready: impl FnOnce()) {
+        let notices = match LeaseNotices::for_this_thread() {
+            Ok(n) => Arc::new(n),
+            Err(e) => {
+                warn!(error = %e, "lease-break notices unavailable, no ignore marks");
+                ready();
+                return;
             }
-            Err(e) => warn!(error = %e, "reading lease-break notices failed"),
+        };
+        let _ = self.notices.set(notices.clone());
+        ready();
+        let mut last_sweep = Instant::now();
+        while !stopping.load(Ordering::SeqCst) {
+            let mut fds = [fleetscan_fanotify::PollFd::new(
+                notices.as_fd(),
+                fleetscan_fanotify::POLLIN,
+            )];
+            if let Err(e) = fleetscan_fanotify::poll(&mut fds, Some(Duration::from_millis(100))) {
+                warn!(error = %e, "waiting for lease-break notices failed");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let mut lost = false;
+            match notices.take() {
+                Ok(n) => {
+                    for fd in n.broken {
+                        self.broken(group, fd);
+                    }
+                    lost = n.lost;
+                }
+                Err(e) => warn!(error = %e, "reading lease-break notices failed"),
+            }
+            if lost || last_sweep.elapsed() >= SWEEP {
+                self.sweep(group);
+                last_sweep = Instant::now();
+            }
         }
-        if lost || last_sweep.elapsed() >= SWEEP {
-            shared.marks.sweep(&shared.group);
-            last_sweep = Instant::now();
-        }
+        self.close(group);
     }
-    shared.marks.close(&shared.group);
 }
 
 #[cfg(test)]

@@ -8,7 +8,8 @@
 //! back: `/proc/*/mountinfo` gives each mount's root within its filesystem and its mount point,
 //! and `statx(STATX_MNT_ID)` on the event's descriptor gives the mount id.
 //!
-//! Everything here reads only procfs: it must never open a file on a marked filesystem.
+//! Everything here reads only procfs: it must never open a file on a marked filesystem, and
+//! never decides an access by the path the opener sees alone.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -188,9 +189,9 @@ pub(crate) struct ProtectedDir {
     pub configured: PathBuf,
 }
 
-/// Whether a file is protected.
+/// Whether a file is under a protected directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Verdict {
+pub(crate) enum Coverage {
     Protected,
     Unprotected,
 }
@@ -227,17 +228,17 @@ impl Protection {
         mnt_id: Option<u64>,
         path: &Path,
         pid: i32,
-    ) -> Verdict {
+    ) -> Coverage {
         if !self.dirs.iter().any(|d| (d.major, d.minor) == dev) {
-            return Verdict::Unprotected;
+            return Coverage::Unprotected;
         }
         let Some(mount) = mnt_id.and_then(|id| mounts.find(id, dev, pid)) else {
-            return Verdict::Protected;
+            return Coverage::Protected;
         };
         match fs_relative(&mount, path) {
-            Some(rel) if self.covers(mount.major, mount.minor, &rel) => Verdict::Protected,
-            Some(_) => Verdict::Unprotected,
-            None => Verdict::Protected,
+            Some(rel) if self.covers(mount.major, mount.minor, &rel) => Coverage::Protected,
+            Some(_) => Coverage::Unprotected,
+            None => Coverage::Protected,
         }
     }
 }

@@ -67,7 +67,7 @@ pub(crate) struct AccessPaths {
 
 /// The paths of the file of an event: `fd` is the event's descriptor, `seen` what
 /// `readlink(/proc/self/fd/N)` said of it (without " (deleted)"), `pid`/`pidfd` the opener as
-/// the event reported it. Call it off the reader thread (the hashing pool), or after the
+/// the event reported it. Call it off the reader thread (the hashing threads), or after the
 /// kernel has its answer.
 pub(crate) fn resolve(
     fd: BorrowedFd<'_>,

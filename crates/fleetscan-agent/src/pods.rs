@@ -133,7 +133,7 @@ impl PodDirectory {
 
     /// Adds what is known of the subject's pod: namespace, pod UID (when only the container
     /// id was in the cgroup) and the container's image. Never overwrites what the cgroup said.
-    pub(crate) fn enrich(&self, s: &mut fleetscan_proto::v1::Subject) {
+    pub(crate) fn enrich(&self, s: &mut fleetscan_core::Subject) {
         if s.container_id.is_empty() && s.pod_uid.is_empty() {
             return;
         }
@@ -152,8 +152,8 @@ impl PodDirectory {
         if s.pod_uid.is_empty() {
             s.pod_uid.clone_from(&m.pod.uid);
         }
-        if s.k8s_namespace.is_empty() {
-            s.k8s_namespace.clone_from(&m.pod.namespace);
+        if s.namespace.is_empty() {
+            s.namespace.clone_from(&m.pod.namespace);
         }
         if s.image.is_empty()
             && let Some(image) = m.image(&s.container_id)
@@ -557,26 +557,26 @@ mod tests {
         let (pods, ns) = parse_pod_file(Path::new("p"), &list()).unwrap();
         dir.replace(pods, Instant::now());
         dir.replace_namespaces(ns);
-        let mut s = fleetscan_proto::v1::Subject {
+        let mut s = fleetscan_core::Subject {
             container_id: CID.into(),
             ..Default::default()
         };
         dir.enrich(&mut s);
         assert_eq!(s.pod_uid, UID);
-        assert_eq!(s.k8s_namespace, "shop");
+        assert_eq!(s.namespace, "shop");
         assert_eq!(s.image, "docker.io/library/nginx:1.27");
         // A host process: nothing to add.
-        let mut host = fleetscan_proto::v1::Subject::default();
+        let mut host = fleetscan_core::Subject::default();
         dir.enrich(&mut host);
-        assert_eq!(host, fleetscan_proto::v1::Subject::default());
+        assert_eq!(host, fleetscan_core::Subject::default());
         // An unknown container of a known pod (e.g. started after the last list): the pod.
-        let mut other = fleetscan_proto::v1::Subject {
+        let mut other = fleetscan_core::Subject {
             container_id: "f".repeat(64),
             pod_uid: UID.replace('-', "_"),
             ..Default::default()
         };
         dir.enrich(&mut other);
-        assert_eq!(other.k8s_namespace, "shop");
+        assert_eq!(other.namespace, "shop");
         assert_eq!(other.image, "");
         assert_eq!(
             other.pod_uid,

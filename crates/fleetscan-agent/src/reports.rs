@@ -1,27 +1,41 @@
 //! The queue of accesses the agent decided itself, on their way to the broker.
 //!
 //! It belongs to the agent, not to a session, so it survives reconnects. It is bounded: when
-//! full, a new report is dropped and counted, and the count travels with a later report
-//! (`dropped_reports`) so the loss is visible. Allowed accesses decided from the cache are only
-//! counted (`allowed_count`). Pushing never blocks and needs no runtime: the reader thread, the
+//! full, a new report is dropped and counted, and the count travels with a later batch
+//! (`dropped`) so the loss is visible. Allowed accesses decided from the cache are only
+//! counted (`allowed`). Pushing never blocks and needs no runtime: the reader thread, the
 //! deadline thread and the hashing threads all push.
+//!
+//! Domain values only: how a batch and its counters travel on the wire is the session's
+//! business.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use fleetscan_proto::v1;
+use fleetscan_core::LocalReport;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 #[derive(Debug)]
 pub(crate) struct ReportQueue {
-    queue: Mutex<VecDeque<v1::AccessReport>>,
+    queue: Mutex<VecDeque<LocalReport>>,
     capacity: usize,
     allowed: AtomicU64,
     dropped: AtomicU64,
-    /// Total ever dropped (for stats; `dropped` is reset when sent).
+    /// Total ever dropped (for stats; `dropped` is reset when taken).
     dropped_total: AtomicU64,
     ready: Notify,
+}
+
+/// What [`ReportQueue::take`] hands over: reports, and the counters accumulated since the last
+/// batch.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Batch {
+    pub reports: Vec<LocalReport>,
+    /// Allowed accesses not reported one by one.
+    pub allowed: u64,
+    /// Reports dropped because the queue was full.
+    pub dropped: u64,
 }
 
 impl ReportQueue {
@@ -37,12 +51,11 @@ impl ReportQueue {
     }
 
     /// Queues a report, or drops and counts it when the queue is full.
-    pub fn push(&self, report: v1::AccessReport) {
+    pub fn push(&self, report: LocalReport) {
         let mut q = self.queue.lock();
         if q.len() >= self.capacity {
             drop(q);
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            self.dropped_total.fetch_add(1, Ordering::Relaxed);
+            self.count_dropped();
         } else {
             q.push_back(report);
             drop(q);
@@ -61,59 +74,44 @@ impl ReportQueue {
         self.ready.notified().await;
     }
 
-    /// Takes up to `max` reports; the first carries the counters accumulated so far. When there
-    /// are counters but no report, and `counters_only` is set, a report carrying only the
-    /// counters (action unspecified, reason unspecified, no path) is made; the broker records
-    /// nothing for it but the counts.
-    pub fn take(&self, max: usize, counters_only: bool) -> Vec<v1::AccessReport> {
-        let mut out: Vec<_> = {
+    /// Takes up to `max` reports, oldest first, and the counters accumulated so far. A batch
+    /// that cannot be sent goes back with [`ReportQueue::put_back`] and
+    /// [`ReportQueue::restore_counts`].
+    pub fn take(&self, max: usize) -> Batch {
+        let reports = {
             let mut q = self.queue.lock();
             let n = q.len().min(max);
             q.drain(..n).collect()
         };
-        let allowed = self.allowed.swap(0, Ordering::Relaxed);
-        let dropped = self.dropped.swap(0, Ordering::Relaxed);
-        if out.is_empty() && counters_only && (allowed > 0 || dropped > 0) {
-            out.push(v1::AccessReport {
-                at_unix_ms: fleetscan_core::now_unix_ms(),
-                action: v1::Action::Unspecified.into(),
-                ..Default::default()
-            });
+        Batch {
+            reports,
+            allowed: self.allowed.swap(0, Ordering::Relaxed),
+            dropped: self.dropped.swap(0, Ordering::Relaxed),
         }
-        match out.first_mut() {
-            Some(first) => {
-                first.allowed_count += allowed;
-                first.dropped_reports += dropped;
-            }
-            None => self.restore_counts(allowed, dropped),
-        }
-        out
     }
 
-    /// Puts back reports that could not be sent (in front, keeping their order and counters);
-    /// those beyond the capacity are dropped and counted.
-    pub fn put_back(&self, reports: Vec<v1::AccessReport>) {
+    /// Puts back reports that could not be sent (in front, keeping their order); those beyond
+    /// the capacity are dropped and counted.
+    pub fn put_back(&self, reports: Vec<LocalReport>) {
         let mut q = self.queue.lock();
-        for mut r in reports.into_iter().rev() {
-            self.restore_counts(r.allowed_count, r.dropped_reports);
-            r.allowed_count = 0;
-            r.dropped_reports = 0;
-            if r.path.is_empty() && r.reason == 0 {
-                // A counters-only report: its counters are restored, nothing else to keep.
-                continue;
-            }
+        for r in reports.into_iter().rev() {
             if q.len() >= self.capacity {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-                self.dropped_total.fetch_add(1, Ordering::Relaxed);
+                self.count_dropped();
             } else {
                 q.push_front(r);
             }
         }
     }
 
-    fn restore_counts(&self, allowed: u64, dropped: u64) {
+    /// Gives back counters taken with a batch that could not be sent.
+    pub fn restore_counts(&self, allowed: u64, dropped: u64) {
         self.allowed.fetch_add(allowed, Ordering::Relaxed);
         self.dropped.fetch_add(dropped, Ordering::Relaxed);
+    }
+
+    fn count_dropped(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        self.dropped_total.fetch_add(1, Ordering::Relaxed);
     }
 
     #[cfg(test)]
@@ -127,16 +125,28 @@ impl ReportQueue {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
+    use fleetscan_core::{AccessKind, Action, LocalReason, Subject};
+
     use super::*;
 
-    fn report(path: &str) -> v1::AccessReport {
-        v1::AccessReport {
+    /// A report of a cached denial of `path`.
+    pub(crate) fn report(path: &str) -> LocalReport {
+        LocalReport {
+            at_unix_ms: 0,
+            action: Action::Deny,
+            reason: LocalReason::Cached,
+            sha256: None,
+            subject: Subject::default(),
             path: path.into(),
-            action: v1::Action::Deny.into(),
-            reason: v1::LocalReason::Cached.into(),
-            ..Default::default()
+            host_path: String::new(),
+            kind: AccessKind::Open,
+            threat_name: String::new(),
         }
+    }
+
+    fn paths(b: &Batch) -> Vec<&str> {
+        b.reports.iter().map(|r| r.path.as_str()).collect()
     }
 
     #[test]
@@ -149,28 +159,26 @@ mod tests {
         q.count_allowed();
         assert_eq!(q.len(), 2);
         assert_eq!(q.dropped_total(), 1);
-        let got = q.take(10, false);
-        assert_eq!(
-            got.iter().map(|r| r.path.as_str()).collect::<Vec<_>>(),
-            ["a", "b"]
-        );
-        assert_eq!(got[0].dropped_reports, 1);
-        assert_eq!(got[0].allowed_count, 2);
-        assert_eq!(got[1].dropped_reports, 0);
-        // Counters were sent once: nothing left.
-        assert!(q.take(10, true).is_empty());
+        let got = q.take(10);
+        assert_eq!(paths(&got), ["a", "b"]);
+        assert_eq!((got.allowed, got.dropped), (2, 1));
+        // Counters were taken once: nothing left.
+        assert_eq!(q.take(10), Batch::default());
     }
 
     #[test]
-    fn counters_only_report_when_nothing_else_to_send() {
+    fn counters_wait_for_a_batch_when_there_is_no_report() {
         let q = ReportQueue::new(2);
-        assert!(q.take(10, true).is_empty());
+        assert_eq!(q.take(10), Batch::default());
         q.count_allowed();
-        assert!(q.take(10, false).is_empty(), "counters kept for later");
-        let got = q.take(10, true);
-        assert_eq!(got.len(), 1);
-        assert_eq!(got[0].allowed_count, 1);
-        assert!(got[0].path.is_empty());
+        let got = q.take(10);
+        assert!(got.reports.is_empty());
+        assert_eq!(got.allowed, 1);
+        // Not sent: given back, they travel with the next batch.
+        q.restore_counts(got.allowed, got.dropped);
+        q.push(report("a"));
+        let got = q.take(10);
+        assert_eq!((paths(&got), got.allowed), (vec!["a"], 1));
     }
 
     #[test]
@@ -179,15 +187,25 @@ mod tests {
         q.push(report("a"));
         q.push(report("b"));
         q.count_allowed();
-        let got = q.take(10, false);
+        let got = q.take(10);
         q.push(report("c"));
-        q.put_back(got);
-        let again = q.take(10, false);
-        assert_eq!(
-            again.iter().map(|r| r.path.as_str()).collect::<Vec<_>>(),
-            ["a", "b", "c"]
-        );
-        assert_eq!(again[0].allowed_count, 1);
+        q.put_back(got.reports);
+        q.restore_counts(got.allowed, got.dropped);
+        let again = q.take(10);
+        assert_eq!(paths(&again), ["a", "b", "c"]);
+        assert_eq!(again.allowed, 1);
+    }
+
+    #[test]
+    fn put_back_beyond_the_capacity_drops_and_counts() {
+        let q = ReportQueue::new(2);
+        q.push(report("a"));
+        q.push(report("b"));
+        let got = q.take(10);
+        q.push(report("c"));
+        q.put_back(got.reports);
+        assert_eq!(paths(&q.take(10)), ["b", "c"]);
+        assert_eq!(q.dropped_total(), 1);
     }
 
     #[tokio::test]

@@ -18,8 +18,7 @@
 use std::sync::Arc;
 
 use fleetscan_core::tenancy::{Exclusions, PolicySet};
-use fleetscan_core::{AccessKind, Policy};
-use fleetscan_proto::v1;
+use fleetscan_core::{AccessKind, Policy, Subject};
 
 /// The policy of one scope, as this agent applies it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,12 +59,12 @@ impl Scope {
     /// Why the access needs no scan, judged without its path: an open under exec-only, an
     /// excluded image or namespace. `subject` is `None` when the process was not looked at
     /// (nothing of this scope needs it): it matches no image or namespace rule.
-    pub fn skip_early(&self, kind: AccessKind, subject: Option<&v1::Subject>) -> Option<String> {
+    pub fn skip_early(&self, kind: AccessKind, subject: Option<&Subject>) -> Option<String> {
         if self.exec_only && kind == AccessKind::Open {
             return Some(fleetscan_core::tenancy::EXEC_ONLY.into());
         }
         let s = subject?;
-        self.exclusions.excludes_origin(&s.image, &s.k8s_namespace)
+        self.exclusions.excludes_origin(&s.image, &s.namespace)
     }
 
     /// Why the access needs no scan by its path (as the opening process sees it).
@@ -170,16 +169,16 @@ impl Policies {
     /// The scope of an access by `subject` (its namespace and image already filled), whose
     /// namespace carries `labelled` in the set's tenant label (empty: none). Fills
     /// `subject.tenant`.
-    pub fn scope(&self, subject: &mut v1::Subject, labelled: &str) -> Arc<Scope> {
+    pub fn scope(&self, subject: &mut Subject, labelled: &str) -> Arc<Scope> {
         let Some(set) = self.set.as_ref().filter(|_| self.multi()) else {
-            if !subject.k8s_namespace.is_empty() {
+            if !subject.namespace.is_empty() {
                 subject.tenant.clone_from(&self.single.tenant);
             }
             return self.single.clone();
         };
-        let tenant = set.tenant_of(&subject.k8s_namespace, labelled).to_owned();
+        let tenant = set.tenant_of(&subject.namespace, labelled).to_owned();
         let found = set
-            .resolve_index(&tenant, &subject.k8s_namespace)
+            .resolve_index(&tenant, &subject.namespace)
             .and_then(|i| self.scopes.get(i));
         subject.tenant = tenant;
         // A set without the operator's policy is malformed; the session's policy decides.
@@ -230,9 +229,9 @@ mod tests {
         }
     }
 
-    fn subject(ns: &str, image: &str) -> v1::Subject {
-        v1::Subject {
-            k8s_namespace: ns.into(),
+    fn subject(ns: &str, image: &str) -> Subject {
+        Subject {
+            namespace: ns.into(),
             image: image.into(),
             container_id: if ns.is_empty() {
                 String::new()

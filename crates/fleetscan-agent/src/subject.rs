@@ -37,8 +37,8 @@ use std::path::PathBuf;
 use std::sync::{LazyLock, OnceLock};
 use std::time::{Duration, Instant};
 
+use fleetscan_core::Subject;
 use fleetscan_fanotify::PidfdInfo;
-use fleetscan_proto::v1;
 use lru::LruCache;
 use parking_lot::Mutex;
 
@@ -54,8 +54,8 @@ static CACHE: LazyLock<Mutex<SubjectCache>> =
 /// Who made the access `pid` (as the agent's pid namespace sees it) reported with `pidfd`.
 /// Missing pieces stay empty; without a pidfd, or for a process that exited before it could be
 /// examined, everything but `pid` is empty (unattributed), never another process's data.
-pub(crate) fn resolve(pid: i32, pidfd: Option<&OwnedFd>) -> v1::Subject {
-    let unattributed = v1::Subject {
+pub(crate) fn resolve(pid: i32, pidfd: Option<&OwnedFd>) -> Subject {
+    let unattributed = Subject {
         pid: u32::try_from(pid).unwrap_or(0),
         ..Default::default()
     };
@@ -113,7 +113,7 @@ pub(crate) fn process_key(pidfd: BorrowedFd<'_>) -> Option<u64> {
     }
 }
 
-fn read_subject(dir: &ProcDir, mut s: v1::Subject) -> v1::Subject {
+fn read_subject(dir: &ProcDir, mut s: Subject) -> Subject {
     if let Ok(status) = dir.read("status") {
         let (uid, ns_pid) = parse_status(&status);
         s.uid = uid.unwrap_or(0);
@@ -174,7 +174,7 @@ impl ProcDir {
 /// The cached part of a subject, and what it was read under.
 #[derive(Clone, Debug)]
 struct Entry {
-    subject: v1::Subject,
+    subject: Subject,
     cgroupid: Option<u64>,
     ruid: Option<u32>,
     at: Instant,
@@ -204,7 +204,7 @@ impl SubjectCache {
         info: Option<&PidfdInfo>,
         gone: bool,
         now: Instant,
-    ) -> Option<v1::Subject> {
+    ) -> Option<Subject> {
         let e = self.entries.get(&key)?;
         if gone {
             return Some(e.subject.clone());
@@ -218,13 +218,7 @@ impl SubjectCache {
         None
     }
 
-    pub fn insert(
-        &mut self,
-        key: u64,
-        subject: &v1::Subject,
-        info: Option<&PidfdInfo>,
-        now: Instant,
-    ) {
+    pub fn insert(&mut self, key: u64, subject: &Subject, info: Option<&PidfdInfo>, now: Instant) {
         self.entries.put(
             key,
             Entry {
@@ -529,7 +523,7 @@ mod tests {
         let s = resolve(me(), None);
         assert_eq!(
             s,
-            v1::Subject {
+            Subject {
                 pid: std::process::id(),
                 ..Default::default()
             }
@@ -549,7 +543,7 @@ mod tests {
         let s = resolve(me(), Some(&pidfd));
         assert_eq!(
             s,
-            v1::Subject {
+            Subject {
                 pid: std::process::id(),
                 ..Default::default()
             }
@@ -636,7 +630,7 @@ mod tests {
         // The pid now names the newcomer: a bare read says so.
         let naive = std::fs::read_link(format!("/proc/{opener_pid}/exe")).unwrap();
         assert!(naive.ends_with("sleep"), "{naive:?}");
-        let unattributed = v1::Subject {
+        let unattributed = Subject {
             pid: u32::try_from(opener_pid).unwrap(),
             ..Default::default()
         };
@@ -646,8 +640,8 @@ mod tests {
         newcomer.wait().unwrap();
     }
 
-    fn subject(exe: &str) -> v1::Subject {
-        v1::Subject {
+    fn subject(exe: &str) -> Subject {
+        Subject {
             pid: 7,
             exe: exe.into(),
             ..Default::default()

@@ -5,6 +5,8 @@ pub mod backoff;
 pub mod digest;
 pub mod event;
 pub mod policy;
+pub mod report;
+pub mod subject;
 pub mod tenancy;
 pub mod verdict;
 
@@ -12,6 +14,8 @@ pub use backoff::Backoff;
 pub use digest::{ParseSha256Error, Sha256, Sha256Hasher};
 pub use event::{AccessContext, AccessRecord, DEFAULT_TENANT, DecidedBy};
 pub use policy::{Action, FailMode, Policy};
+pub use report::{LocalReason, LocalReport};
+pub use subject::Subject;
 pub use tenancy::{EffectivePolicy, PoolKey, Tenancy, TenancyConfig};
 pub use verdict::{AccessKind, ScannerIdentity, Verdict, VerdictKind};
 

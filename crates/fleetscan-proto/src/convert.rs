@@ -316,6 +316,73 @@ impl From<v1::PolicySet> for core::tenancy::PolicySet {
     }
 }
 
+impl From<core::Subject> for v1::Subject {
+    fn from(s: core::Subject) -> Self {
+        v1::Subject {
+            pid: s.pid,
+            ns_pid: s.ns_pid,
+            uid: s.uid,
+            exe: s.exe,
+            cgroup: s.cgroup,
+            container_id: s.container_id,
+            pod_uid: s.pod_uid,
+            k8s_namespace: s.namespace,
+            tenant: s.tenant,
+            image: s.image,
+        }
+    }
+}
+
+impl From<v1::Subject> for core::Subject {
+    fn from(s: v1::Subject) -> Self {
+        core::Subject {
+            pid: s.pid,
+            ns_pid: s.ns_pid,
+            uid: s.uid,
+            exe: s.exe,
+            cgroup: s.cgroup,
+            container_id: s.container_id,
+            pod_uid: s.pod_uid,
+            namespace: s.k8s_namespace,
+            tenant: s.tenant,
+            image: s.image,
+        }
+    }
+}
+
+/// A broker decision the agent could not read is reported as `UNSPECIFIED`, the one reason
+/// the protocol has for it.
+pub fn local_reason_to_proto(reason: core::LocalReason) -> v1::LocalReason {
+    match reason {
+        core::LocalReason::Cached => v1::LocalReason::Cached,
+        core::LocalReason::Deadline => v1::LocalReason::Deadline,
+        core::LocalReason::Oversize => v1::LocalReason::Oversize,
+        core::LocalReason::Unreadable => v1::LocalReason::Unreadable,
+        core::LocalReason::NoBroker => v1::LocalReason::NoBroker,
+        core::LocalReason::MalformedDecision => v1::LocalReason::Unspecified,
+    }
+}
+
+impl From<&core::LocalReport> for v1::AccessReport {
+    /// Without counters (`allowed_count`, `dropped_reports`): the sender adds them to the
+    /// report that carries them.
+    fn from(r: &core::LocalReport) -> Self {
+        v1::AccessReport {
+            at_unix_ms: r.at_unix_ms,
+            action: action_to_proto(r.action).into(),
+            reason: local_reason_to_proto(r.reason).into(),
+            sha256: r.sha256.map(|s| s.to_hex()).unwrap_or_default(),
+            subject: Some(r.subject.clone().into()),
+            path: r.path.clone(),
+            kind: access_kind_to_proto(r.kind).into(),
+            threat_name: r.threat_name.clone(),
+            allowed_count: 0,
+            dropped_reports: 0,
+            host_path: r.host_path.clone(),
+        }
+    }
+}
+
 fn non_empty(s: String) -> Option<String> {
     if s.is_empty() { None } else { Some(s) }
 }
@@ -442,5 +509,56 @@ mod tests {
             Some("acme")
         );
         assert_eq!(core::tenancy::PolicySet::from(wire), set);
+    }
+    #[test]
+    fn subjects_round_trip() {
+        let s = core::Subject {
+            pid: 7,
+            ns_pid: 1,
+            uid: 1000,
+            exe: "/bin/cat".into(),
+            cgroup: "/kubepods/x".into(),
+            container_id: "c".repeat(64),
+            pod_uid: "p".into(),
+            namespace: "shop".into(),
+            tenant: "acme".into(),
+            image: "nginx".into(),
+        };
+        let wire = v1::Subject::from(s.clone());
+        assert_eq!(wire.k8s_namespace, "shop");
+        assert_eq!(core::Subject::from(wire), s);
+    }
+
+    #[test]
+    fn a_local_report_keeps_its_reason_and_digest() {
+        let r = core::LocalReport {
+            at_unix_ms: 5,
+            action: core::Action::Deny,
+            reason: core::LocalReason::Deadline,
+            sha256: Some(core::Sha256::of(b"x")),
+            subject: core::Subject {
+                pid: 7,
+                ..Default::default()
+            },
+            path: "/data/a".into(),
+            host_path: "/var/lib/pod/data/a".into(),
+            kind: core::AccessKind::Exec,
+            threat_name: "no decision before the deadline".into(),
+        };
+        let wire = v1::AccessReport::from(&r);
+        assert_eq!(wire.reason, i32::from(v1::LocalReason::Deadline));
+        assert_eq!(wire.action, i32::from(v1::Action::Deny));
+        assert_eq!(wire.kind, i32::from(v1::AccessKind::Exec));
+        assert_eq!(wire.sha256, core::Sha256::of(b"x").to_hex());
+        assert_eq!(wire.subject.map(|s| s.pid), Some(7));
+        assert_eq!((wire.allowed_count, wire.dropped_reports), (0, 0));
+        let unread = core::LocalReport {
+            sha256: None,
+            reason: core::LocalReason::MalformedDecision,
+            ..r
+        };
+        let wire = v1::AccessReport::from(&unread);
+        assert!(wire.sha256.is_empty());
+        assert_eq!(wire.reason, i32::from(v1::LocalReason::Unspecified));
     }
 }

@@ -1,6 +1,7 @@
-//! The hashing pool: a fixed number of OS threads that take pending events, read their content
-//! through the event's descriptor (`pread`, never by path), hash it and send the access request
-//! to the broker.
+//! The hashing threads: a fixed number of OS threads that take waiting accesses from the
+//! reader, read their content through the event's descriptor (`pread`, never by path), hash
+//! it, work out the paths and the process, and hand the access with what they hashed to the
+//! broker session.
 //!
 //! Content is hashed under a read lease (see [`fleetscan_fanotify::ReadLease`]) and its
 //! identity (dev, inode, ctime, mtime, size) taken with the lease held. A write updates the
@@ -12,74 +13,78 @@
 //! cached nor turned into an ignore mark.
 //!
 //! Each thread reads with one buffer of [`HASH_READ`] bytes, allocated once: large reads keep
-//! the system-call cost small next to SHA-256 itself.
-//! Its queue is bounded; the reader's `submit` never blocks, and a full queue makes the reader
-//! answer with the fail mode at once. A hung read only ties up its own thread: the deadline
-//! thread answers the event regardless.
+//! the system-call cost small next to SHA-256 itself. Their queue is bounded; the reader's
+//! `submit` never blocks, and a full queue makes the reader answer with the fail mode at once.
+//! A hung read only ties up its own thread: the deadline thread answers the access regardless.
+//! These threads never wait on the broker: the hand-off to the session never blocks either.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::thread::JoinHandle;
-use std::time::Instant;
 
 use fleetscan_core::{Sha256, Sha256Hasher};
 use fleetscan_fanotify::{LeaseOutcome, ReadLease};
-use fleetscan_proto::{convert, v1};
 use parking_lot::Mutex;
 use tracing::debug;
 
+use crate::access::{self, Access, Failure, Hashed};
 use crate::cache::FileKey;
-use crate::pending::AssignError;
-use crate::state::{ReportCtx, Shared, bump};
+use crate::interceptor::Interceptor;
+use crate::paths;
+use crate::session::{SessionSlot, Unsent};
+use crate::stats::bump;
 
 /// The submitting side; dropping it ends the threads once the queue is empty.
 #[derive(Debug)]
-pub(crate) struct HashPool {
-    tx: SyncSender<u64>,
+pub(crate) struct Hashers {
+    tx: SyncSender<Arc<Access>>,
 }
 
-impl HashPool {
-    /// Queues a pending event; false when the queue is full.
-    pub fn submit(&self, id: u64) -> bool {
-        match self.tx.try_send(id) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+impl Hashers {
+    /// Queues a waiting access; gives it back when the queue is full.
+    pub fn submit(&self, access: Arc<Access>) -> Result<(), Arc<Access>> {
+        match self.tx.try_send(access) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(a) | TrySendError::Disconnected(a)) => Err(a),
         }
     }
 }
 
+/// Starts `threads` hashing threads with a queue of `capacity` accesses.
 pub(crate) fn start(
-    shared: &Arc<Shared>,
+    ic: &Arc<Interceptor>,
+    session: &Arc<SessionSlot>,
     threads: usize,
     capacity: usize,
-) -> io::Result<(HashPool, Vec<JoinHandle<()>>)> {
+) -> io::Result<(Hashers, Vec<JoinHandle<()>>)> {
     let (tx, rx) = sync_channel(capacity.max(1));
     let rx = Arc::new(Mutex::new(rx));
     let mut handles = Vec::new();
     for i in 0..threads.max(1) {
-        let (shared, rx) = (shared.clone(), rx.clone());
+        let (ic, session, rx) = (ic.clone(), session.clone(), rx.clone());
         handles.push(
             std::thread::Builder::new()
                 .name(format!("fleetscan-hash-{i}"))
-                .spawn(move || worker(&shared, &rx))?,
+                .spawn(move || hasher(&ic, &session, &rx))?,
         );
     }
-    Ok((HashPool { tx }, handles))
+    Ok((Hashers { tx }, handles))
 }
 
 /// Bytes per `pread` while hashing, in one buffer per thread.
 pub(crate) const HASH_READ: usize = 1024 * 1024;
 
-fn worker(shared: &Shared, rx: &Mutex<Receiver<u64>>) {
+fn hasher(ic: &Interceptor, session: &SessionSlot, rx: &Mutex<Receiver<Arc<Access>>>) {
     let mut buf = vec![0u8; HASH_READ];
     loop {
         let next = rx.lock().recv();
-        let Ok(id) = next else { return };
-        process(shared, id, &mut buf);
+        let Ok(access) = next else { return };
+        process(ic, session, &access, &mut buf);
     }
 }
 
@@ -128,17 +133,6 @@ pub(crate) fn hash_content(
     }
 }
 
-/// One version of a file, hashed.
-#[derive(Debug)]
-pub(crate) struct Hashed {
-    pub sha256: Sha256,
-    pub len: u64,
-    /// The identity of the hashed content.
-    pub key: FileKey,
-    /// Whether `key` names exactly the hashed bytes (see the module header).
-    pub stable: bool,
-}
-
 /// Hashes `file` and says which version of it was hashed.
 pub(crate) fn hash_version(file: &File, limit: u64, buf: &mut [u8]) -> Result<Hashed, HashError> {
     let mut lease = ReadLease::try_acquire(file.as_fd());
@@ -174,146 +168,62 @@ pub(crate) fn hash_version(file: &File, limit: u64, buf: &mut [u8]) -> Result<Ha
     })
 }
 
-fn process(shared: &Shared, id: u64, buf: &mut [u8]) {
-    // One look at the pending event: what this thread needs of it, taken under one lock.
-    let Some((file, key, pid, pidfd, scope, resolved, seen)) = shared.pending.with(id, |ev| {
-        (
-            ev.file.clone(),
-            ev.key,
-            ev.pid,
-            ev.pidfd.clone(),
-            ev.scope.clone(),
-            ev.subject.clone(),
-            ev.path.clone(),
-        )
-    }) else {
+fn process(ic: &Interceptor, session: &SessionSlot, access: &Arc<Access>, buf: &mut [u8]) {
+    let Some(lent) = access.borrow() else {
         return; // Answered meanwhile (deadline).
     };
-    let policy = &scope.policy;
-    let oversize = |size: u64| {
-        if let Some(ev) = shared.pending.take(id) {
-            bump(&shared.counters.oversize);
-            let outcome = policy.oversize(size);
-            let ctx = ReportCtx {
-                path: &ev.path,
-                descriptor_path: !ev.path_resolved,
-                kind: Some(ev.kind),
-                pid: ev.pid,
-                pidfd: ev.pidfd.as_deref(),
-                ..Default::default()
-            };
-            shared.conclude(&ev.file, &outcome, v1::LocalReason::Oversize, ctx, true);
-        }
-    };
-    if key.size > policy.max_file_size {
-        oversize(key.size);
+    let policy = &access.scope.policy;
+    if access.key.size > policy.max_file_size {
+        access::oversize(ic, access, access.key.size);
         return;
     }
-    let subject = resolved.unwrap_or_else(|| shared.subject(pid, pidfd.as_deref()));
+    let subject = lent
+        .subject
+        .unwrap_or_else(|| ic.subject(access.pid, lent.pidfd.as_deref()));
     // The opener's view of the path, and the host's.
-    let paths = crate::paths::resolve(
-        file.as_fd(),
-        std::path::Path::new(&seen),
-        pid,
-        pidfd.as_deref(),
+    let paths = paths::resolve(
+        lent.file.as_fd(),
+        Path::new(&lent.path),
+        access.pid,
+        lent.pidfd.as_deref(),
     );
     // Path exclusions are judged on the path as the opening process sees it.
-    if let Some(why) = scope.skip_path(&paths.path) {
-        if let Some(ev) = shared.pending.take(id) {
-            crate::reader::skipped(shared, &ev.file, &why);
-        }
+    if let Some(why) = access.scope.skip_path(&paths.path) {
+        access::skip(ic, access, &why);
         return;
     }
-    shared.pending.with(id, |ev| {
-        ev.path.clone_from(&paths.path);
-        ev.host_path.clone_from(&paths.host_path);
-        ev.path_resolved = true;
-    });
-    let hashed = match hash_version(file.as_ref(), policy.max_file_size, buf) {
-        Ok(r) => r,
+    access.resolved(&paths, &subject);
+    let hashed = match hash_version(&lent.file, policy.max_file_size, buf) {
+        Ok(h) => h,
         Err(HashError::TooLarge(size)) => {
-            oversize(size);
+            access::oversize(ic, access, size);
             return;
         }
         Err(HashError::Io(e)) => {
-            if let Some(mut ev) = shared.pending.take(id) {
-                bump(&shared.counters.unreadable);
-                ev.subject = Some(subject);
-                shared.fail_pending(ev, &format!("unreadable: {e}"), v1::LocalReason::Unreadable);
-            }
+            access::fail(ic, access, Failure::Unreadable(e));
             return;
         }
     };
-    let Hashed {
-        sha256,
-        len,
-        key: hashed_key,
-        stable,
-    } = hashed;
-    let Some(link) = shared.current_session() else {
-        if let Some(mut ev) = shared.pending.take(id) {
-            bump(&shared.counters.no_broker);
-            ev.sha256 = Some(sha256);
-            ev.subject = Some(subject);
-            shared.fail_pending(ev, "no broker connected", v1::LocalReason::NoBroker);
-        }
+    if !access.hashed(hashed.sha256) {
+        return; // Answered meanwhile.
+    }
+    let Some(link) = session.current() else {
+        access::fail(ic, access, Failure::NoBroker);
         return;
     };
-    let request = shared.pending.with(id, |ev| {
-        ev.sha256 = Some(sha256);
-        ev.hashed_len = len;
-        // The decision is about the hashed version, whatever the opener's statx saw before.
-        ev.key = hashed_key;
-        ev.stable = stable;
-        ev.subject = Some(subject.clone());
-        v1::AccessRequest {
-            request_id: id,
-            file: Some(v1::FileIdentity {
-                dev: ev.key.dev,
-                ino: ev.key.ino,
-                ctime_sec: ev.key.ctime_sec,
-                ctime_nsec: ev.key.ctime_nsec,
-                size: ev.key.size,
-            }),
-            sha256: sha256.to_hex(),
-            size: len,
-            subject: Some(subject),
-            path: ev.path.clone(),
-            host_path: paths.host_path,
-            kind: convert::access_kind_to_proto(ev.kind).into(),
-            deadline_ms: u32::try_from(
-                ev.deadline
-                    .saturating_duration_since(Instant::now())
-                    .as_millis(),
-            )
-            .unwrap_or(u32::MAX),
+    match link.send(access, hashed, paths, subject) {
+        Ok(id) => {
+            bump(&ic.counters.requests_sent);
+            debug!(id, sha256 = %hashed.sha256, size = hashed.len, "access request sent");
         }
-    });
-    let Some(request) = request else { return };
-    match shared.pending.assign(id, link.epoch, &link.alive) {
-        Ok(()) => {}
-        Err(AssignError::Gone) => return,
-        Err(AssignError::SessionDead) => {
-            if let Some(ev) = shared.pending.take(id) {
-                bump(&shared.counters.no_broker);
-                shared.fail_pending(ev, "broker session lost", v1::LocalReason::NoBroker);
-            }
-            return;
+        Err(Unsent::SessionLost) => {
+            access::fail(ic, access, Failure::SessionLost);
         }
-    }
-    let msg = v1::AgentMessage {
-        msg: Some(v1::agent_message::Msg::Access(request)),
-    };
-    if link.tx.try_send(msg).is_err() {
         // The session's queue is full or closed: no answer can come in time.
-        if let Some(ev) = shared.pending.take(id) {
-            bump(&shared.counters.overloaded);
-            shared.fail_pending(ev, "broker queue full", v1::LocalReason::Deadline);
+        Err(Unsent::QueueFull) => {
+            access::fail(ic, access, Failure::BrokerQueueFull);
         }
-        return;
     }
-    bump(&shared.counters.requests_sent);
-    debug!(id, sha256 = %sha256, size = len, "access request sent");
 }
 
 #[cfg(test)]

@@ -4,14 +4,17 @@
 //!
 //! The fake broker runs on a runtime of its own on its own thread, so that `kill` drops every
 //! connection at once, like a broker process that dies.
-
-#![allow(dead_code)]
+//!
+//! Every test takes its turn on the machine through [`env`] (alongside the others) or
+//! [`env_alone`] (while no other test of this binary runs): a test that changes what the whole
+//! process shares (its descriptor limit) or that needs the machine quiet (a stress test, whose
+//! load would also break other tests' time bounds) runs alone.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use fleetscan_agent::{Agent, AgentConfig, AgentTuning, Stats};
@@ -317,14 +320,39 @@ pub fn free_addr() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
-/// A tmpfs of the test's own with `protected/` and `other/` directories.
+/// A tmpfs of the test's own with `protected/` and `other/` directories, and the test's turn
+/// on the machine (see the module header).
 pub struct Env {
     pub tmp: Tmpfs,
     pub protected: PathBuf,
     pub other: PathBuf,
+    _turn: Turn,
 }
 
+/// Held for as long as a test runs.
+enum Turn {
+    Alongside(#[allow(dead_code, reason = "held, not read")] RwLockReadGuard<'static, ()>),
+    Alone(#[allow(dead_code, reason = "held, not read")] RwLockWriteGuard<'static, ()>),
+}
+
+/// Taken by every test of this binary: shared by most, alone by some.
+static MACHINE: RwLock<()> = RwLock::new(());
+
+/// The environment of a test that runs alongside the others.
 pub fn env() -> Env {
+    // A test that failed while alone poisons the lock; the others still run.
+    let turn = Turn::Alongside(MACHINE.read().unwrap_or_else(PoisonError::into_inner));
+    make_env(turn)
+}
+
+/// The environment of a test that runs while no other test of this binary does.
+pub fn env_alone() -> Env {
+    let turn = Turn::Alone(MACHINE.write().unwrap_or_else(PoisonError::into_inner));
+    make_env(turn)
+}
+
+fn make_env(turn: Turn) -> Env {
+    // One limit for the whole binary, started by its first test.
     watchdog(Duration::from_secs(90));
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
@@ -339,6 +367,7 @@ pub fn env() -> Env {
         tmp,
         protected,
         other,
+        _turn: turn,
     }
 }
 
@@ -447,4 +476,33 @@ pub async fn cat(path: &Path) -> Opened {
 pub fn cat_in_background(path: &Path) -> tokio::task::JoinHandle<Opened> {
     let path = path.to_path_buf();
     tokio::spawn(async move { cat(&path).await })
+}
+
+pub const SETTLE: Duration = Duration::from_secs(5);
+
+/// Opens `file` (it must be allowed) and waits until the agent has placed its `marks`th
+/// ignore mark.
+pub async fn opened_and_marked(agent: &Running, file: &std::path::Path, marks: u64) {
+    assert!(cat(file).await.ok);
+    wait_for("ignore mark", SETTLE, || {
+        agent.stats.snapshot().ignore_marks == marks
+    })
+    .await;
+}
+
+/// The usual agent of these tests: one broker, fail-closed, a 4 s deadline.
+pub fn closed_config(env: &Env, broker: &FakeBroker) -> AgentConfig {
+    config(
+        env,
+        vec![broker.url()],
+        FailMode::Closed,
+        Duration::from_secs(4),
+    )
+}
+
+pub async fn connected(r: &Running, n: u64) {
+    wait_for("broker session", SETTLE, || {
+        r.stats.snapshot().sessions >= n
+    })
+    .await;
 }
