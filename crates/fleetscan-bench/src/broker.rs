@@ -32,8 +32,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::fmt_dur;
 use crate::jobs::NullScanner;
+use crate::{fmt_dur, results_table};
 
 #[derive(Args)]
 pub(crate) struct BrokerArgs {
@@ -172,41 +172,49 @@ async fn run(a: &BrokerArgs, pid: u32, url: &str) -> anyhow::Result<()> {
          {} runtime threads; CPU from /proc/PID/stat (utime+stime) over the measured window",
         a.contents, a.warmup, a.seconds, a.client_threads
     );
+    let table = [&latency, &load]
+        .iter()
+        .map(|r| {
+            let secs = r.wall.as_secs_f64();
+            let broker_secs = r.broker_cpu.as_secs_f64();
+            let others = r.machine_cpu.saturating_sub(r.broker_cpu + r.client_cpu);
+            vec![
+                r.name.to_string(),
+                format!("{:.0}", r.decisions as f64 / secs),
+                format!(
+                    "{:.0}",
+                    if broker_secs > 0.0 {
+                        r.decisions as f64 / broker_secs
+                    } else {
+                        f64::NAN
+                    }
+                ),
+                fmt_dur(r.p50),
+                fmt_dur(r.p99),
+                format!("{:.2}c", broker_secs / secs),
+                format!("{:.2}c", r.client_cpu.as_secs_f64() / secs),
+                format!("{:.2}c", others.as_secs_f64() / secs),
+                r.errors.to_string(),
+            ]
+        })
+        .collect();
     println!(
-        "{:<38} {:>12} {:>14} {:>10} {:>10} {:>11} {:>11} {:>11} {:>7}",
-        "row",
-        "decisions/s",
-        "per broker s",
-        "p50",
-        "p99",
-        "broker CPU",
-        "client CPU",
-        "others CPU",
-        "errors"
+        "{}",
+        results_table(
+            &[
+                "row",
+                "decisions/s",
+                "per broker s",
+                "p50",
+                "p99",
+                "broker CPU",
+                "client CPU",
+                "others CPU",
+                "errors",
+            ],
+            table
+        )
     );
-    for r in [&latency, &load] {
-        let secs = r.wall.as_secs_f64();
-        let broker_secs = r.broker_cpu.as_secs_f64();
-        println!(
-            "{:<38} {:>12.0} {:>14.0} {:>10} {:>10} {:>10.2}c {:>10.2}c {:>10.2}c {:>7}",
-            r.name,
-            r.decisions as f64 / secs,
-            if broker_secs > 0.0 {
-                r.decisions as f64 / broker_secs
-            } else {
-                f64::NAN
-            },
-            fmt_dur(r.p50),
-            fmt_dur(r.p99),
-            broker_secs / secs,
-            r.client_cpu.as_secs_f64() / secs,
-            r.machine_cpu
-                .saturating_sub(r.broker_cpu + r.client_cpu)
-                .as_secs_f64()
-                / secs,
-            r.errors
-        );
-    }
     println!(
         "per broker s: decisions per CPU-second of the broker process; CPU columns in cores \
          (CPU-seconds per second) over the window; others: every other process on the machine \

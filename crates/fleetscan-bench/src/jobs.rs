@@ -25,7 +25,7 @@ use fleetscan_worker::{ScanOutcome, Scanner, WorkerConfig};
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::fmt_dur;
+use crate::{fmt_dur, results_table};
 
 #[derive(Args)]
 pub(crate) struct JobsArgs {
@@ -258,33 +258,41 @@ async fn jobs_async(a: &JobsArgs) -> anyhow::Result<()> {
         a.store_url.as_deref().unwrap_or("(SQLite file)"),
         seconds.as_secs()
     );
+    let table = [&small, &large, &fed, &fed_large]
+        .iter()
+        .map(|r| {
+            let secs = r.wall.as_secs_f64();
+            let (per_job, cores) = match r.cpu {
+                Some(cpu) if r.jobs > 0 => (
+                    fmt_dur(cpu / u32::try_from(r.jobs).unwrap_or(u32::MAX)),
+                    format!("{:.2}", cpu.as_secs_f64() / secs),
+                ),
+                _ => ("-".to_owned(), "-".to_owned()),
+            };
+            vec![
+                r.name.to_string(),
+                format!("{:.0}", r.jobs as f64 / secs),
+                format!("{:.1}", r.bytes as f64 / secs / (1024.0 * 1024.0)),
+                fmt_dur(r.p50),
+                fmt_dur(r.p99),
+                r.failed.to_string(),
+                r.lost.to_string(),
+                fmt_dur(r.drain),
+                per_job,
+                cores,
+            ]
+        })
+        .collect();
     println!(
-        "{:<48} {:>10} {:>10} {:>11} {:>11} {:>7} {:>6} {:>9} {:>11} {:>6}",
-        "row", "jobs/s", "MiB/s", "p50", "p99", "failed", "lost", "drain", "CPU/job", "cores"
+        "{}",
+        results_table(
+            &[
+                "row", "jobs/s", "MiB/s", "p50", "p99", "failed", "lost", "drain", "CPU/job",
+                "cores",
+            ],
+            table
+        )
     );
-    for r in [&small, &large, &fed, &fed_large] {
-        let secs = r.wall.as_secs_f64();
-        let (per_job, cores) = match r.cpu {
-            Some(cpu) if r.jobs > 0 => (
-                fmt_dur(cpu / u32::try_from(r.jobs).unwrap_or(u32::MAX)),
-                format!("{:.2}", cpu.as_secs_f64() / secs),
-            ),
-            _ => ("-".to_owned(), "-".to_owned()),
-        };
-        println!(
-            "{:<48} {:>10.0} {:>10.1} {:>11} {:>11} {:>7} {:>6} {:>9} {:>11} {:>6}",
-            r.name,
-            r.jobs as f64 / secs,
-            r.bytes as f64 / secs / (1024.0 * 1024.0),
-            fmt_dur(r.p50),
-            fmt_dur(r.p99),
-            r.failed,
-            r.lost,
-            fmt_dur(r.drain),
-            per_job,
-            cores
-        );
-    }
     println!(
         "broker: {} scans started, {} deduplicated, {} store look-ups skipped (content it cannot \
          hold), {} verdicts stored, {} waiting to be written, {} lost, {} scan errors, {} refused \

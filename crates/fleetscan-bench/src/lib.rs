@@ -370,22 +370,29 @@ fn opens(a: &OpensArgs) -> anyhow::Result<()> {
         a.max_size,
         total / paths.len() as u64 / 1024
     );
+    let table = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.name.to_owned(),
+                r.passes.len().to_string(),
+                format!("{:.0}", r.opens_per_sec()),
+                format!("{:.2}x", r.opens_per_sec() / base),
+                fmt_dur(r.percentile(0.50)),
+                fmt_dur(r.percentile(0.99)),
+                r.failed().to_string(),
+            ]
+        })
+        .collect();
     println!(
-        "{:<52} {:>7} {:>10} {:>8} {:>11} {:>11} {:>7}",
-        "pass", "passes", "opens/s", "ratio", "p50 open", "p99 open", "denied"
+        "{}",
+        results_table(
+            &[
+                "pass", "passes", "opens/s", "ratio", "p50 open", "p99 open", "denied"
+            ],
+            table
+        )
     );
-    for r in &rows {
-        println!(
-            "{:<52} {:>7} {:>10.0} {:>7.2}x {:>11} {:>11} {:>7}",
-            r.name,
-            r.passes.len(),
-            r.opens_per_sec(),
-            r.opens_per_sec() / base,
-            fmt_dur(r.percentile(0.50)),
-            fmt_dur(r.percentile(0.99)),
-            r.failed()
-        );
-    }
     let fleet_decisions = after.decisions - before.decisions;
     println!(
         "scans: {scanned} on the cold pass, {rescanned} on the warm passes, {} on the fleet-warm \
@@ -411,6 +418,22 @@ fn opens(a: &OpensArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A results table: the first column names the row, the others are numbers, aligned right;
+/// `comfy-table` sizes the columns, with no borders and no wrapping.
+fn results_table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut t = comfy_table::Table::new();
+    t.load_style(comfy_table::presets::NOTHING)
+        .set_header(header.to_vec())
+        .add_rows(rows);
+    for (i, c) in t.column_iter_mut().enumerate() {
+        c.set_padding((0, 2));
+        if i > 0 {
+            c.set_cell_alignment(comfy_table::CellAlignment::Right);
+        }
+    }
+    t.trim_fmt()
+}
+
 fn fmt_dur(d: Duration) -> String {
     let us = d.as_secs_f64() * 1e6;
     if us < 1000.0 {
@@ -423,6 +446,21 @@ fn fmt_dur(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_results_table_names_rows_on_the_left_and_numbers_on_the_right() {
+        let text = results_table(
+            &["row", "jobs/s"],
+            vec![
+                vec!["small".into(), "12345".into()],
+                vec!["a longer row".into(), "7".into()],
+            ],
+        );
+        assert_eq!(
+            text,
+            "row           jobs/s\nsmall          12345\na longer row       7"
+        );
+    }
 
     #[test]
     fn median_of_odd_and_even_counts() {

@@ -7,6 +7,8 @@ use fleetscan_proto::v1::admin_service_client::AdminServiceClient;
 use serde_json::json;
 use tonic::transport::Channel;
 
+use crate::table;
+
 async fn client(url: &str) -> anyhow::Result<AdminServiceClient<Channel>> {
     let client = AdminServiceClient::connect(url.to_owned())
         .await
@@ -31,25 +33,22 @@ fn result_name(raw: i32) -> &'static str {
     fleetscan_proto::convert::verdict_kind_from_proto(raw).as_str()
 }
 
+/// A time the broker sent (milliseconds since the epoch) in RFC 3339, to the second, UTC.
 fn time(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since the epoch (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    // humantime formats the years 1970 to 9999; a broker sends nothing else.
+    const END: u64 = 253_402_300_800_000;
+    match u64::try_from(ms) {
+        Ok(ms) if ms < END => humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+        )
+        .to_string(),
+        _ => format!("{ms} ms since 1970"),
+    }
+}
+
+/// An empty text as `-`, so that a table's columns never look shifted.
+fn or_dash(s: &str) -> &str {
+    if s.is_empty() { "-" } else { s }
 }
 
 pub async fn events(
@@ -105,10 +104,9 @@ pub async fn events(
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!(
-        "{:<8} {:<20} {:<6} {:<5} {:<12} {:<10} {:<24} PATH",
-        "ID", "TIME", "ACTION", "KIND", "NODE", "BY", "THREAT"
-    );
+    let mut t = table::new(&[
+        "ID", "TIME", "ACTION", "KIND", "NODE", "BY", "THREAT", "PATH",
+    ]);
     for e in &resp.events {
         // In a container: its namespace, short id and own pid.
         let container = if e.container_id.is_empty() {
@@ -116,33 +114,23 @@ pub async fn events(
         } else {
             format!(
                 " [{}/{} pid {}]",
-                if e.k8s_namespace.is_empty() {
-                    "-"
-                } else {
-                    &e.k8s_namespace
-                },
+                or_dash(&e.k8s_namespace),
                 &e.container_id[..e.container_id.len().min(12)],
                 e.ns_pid
             )
         };
-        println!(
-            "{:<8} {:<20} {:<6} {:<5} {:<12} {:<10} {:<24} {} (pid {} {}){container}",
-            e.id,
+        t.add_row(vec![
+            e.id.to_string(),
             time(e.at_unix_ms),
-            action_name(e.action),
-            kind_name(e.kind),
-            e.node,
-            e.decided_by,
-            if e.threat_name.is_empty() {
-                "-"
-            } else {
-                &e.threat_name
-            },
-            e.path,
-            e.pid,
-            e.exe
-        );
+            action_name(e.action).to_owned(),
+            kind_name(e.kind).to_owned(),
+            e.node.clone(),
+            e.decided_by.clone(),
+            or_dash(&e.threat_name).to_owned(),
+            format!("{} (pid {} {}){container}", e.path, e.pid, e.exe),
+        ]);
     }
+    println!("{}", table::render(t, &[0]));
     Ok(())
 }
 
@@ -178,25 +166,30 @@ pub async fn verdict(url: &str, as_json: bool, sha256: &str) -> anyhow::Result<(
         println!("{sha256}: no verdict recorded");
         return Ok(());
     }
+    let mut t = table::new(&[
+        "SHA256",
+        "RESULT",
+        "THREAT",
+        "SCANNER",
+        "ENGINE",
+        "RULES",
+        "SCANNED AT",
+        "SCAN µs",
+    ]);
     for v in &resp.verdicts {
         let s = v.scanner.clone().unwrap_or_default();
-        println!(
-            "{} {:<10} {:<24} scanner {} ({} {}, rules {}) at {} in {} µs",
-            v.sha256,
-            result_name(v.result),
-            if v.threat_name.is_empty() {
-                "-"
-            } else {
-                &v.threat_name
-            },
+        t.add_row(vec![
+            v.sha256.clone(),
+            result_name(v.result).to_owned(),
+            or_dash(&v.threat_name).to_owned(),
             s.scanner,
-            s.engine,
-            s.engine_version,
+            format!("{} {}", s.engine, s.engine_version),
             s.ruleset_version,
             time(v.scanned_at_unix_ms),
-            v.scan_micros
-        );
+            v.scan_micros.to_string(),
+        ]);
     }
+    println!("{}", table::render(t, &[7]));
     Ok(())
 }
 
@@ -222,21 +215,25 @@ pub async fn hosts(url: &str, as_json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!(
-        "{:<20} {:<10} {:<9} {:>10} {:>8} LAST SEEN",
-        "NODE", "CLUSTER", "CONNECTED", "ALLOWED", "DENIED"
-    );
+    let mut t = table::new(&[
+        "NODE",
+        "CLUSTER",
+        "CONNECTED",
+        "ALLOWED",
+        "DENIED",
+        "LAST SEEN",
+    ]);
     for h in &resp.hosts {
-        println!(
-            "{:<20} {:<10} {:<9} {:>10} {:>8} {}",
-            h.node,
-            h.cluster,
-            h.connected,
-            h.allowed_count,
-            h.denied_count,
-            time(h.last_seen_unix_ms)
-        );
+        t.add_row(vec![
+            h.node.clone(),
+            h.cluster.clone(),
+            h.connected.to_string(),
+            h.allowed_count.to_string(),
+            h.denied_count.to_string(),
+            time(h.last_seen_unix_ms),
+        ]);
     }
+    println!("{}", table::render(t, &[3, 4]));
     Ok(())
 }
 
@@ -264,23 +261,28 @@ pub async fn workers(url: &str, as_json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!(
-        "{:<24} {:<10} {:<12} {:<28} {:>7} {:>9} {:>9}",
-        "WORKER", "POOL", "SCANNER", "ENGINE", "CREDITS", "IN FLIGHT", "JOBS DONE"
-    );
+    let mut t = table::new(&[
+        "WORKER",
+        "POOL",
+        "SCANNER",
+        "ENGINE",
+        "CREDITS",
+        "IN FLIGHT",
+        "JOBS DONE",
+    ]);
     for w in &resp.workers {
         let s = w.scanner.clone().unwrap_or_default();
-        println!(
-            "{:<24} {:<10} {:<12} {:<28} {:>7} {:>9} {:>9}",
-            w.worker_name,
-            w.pool,
+        t.add_row(vec![
+            w.worker_name.clone(),
+            w.pool.clone(),
             s.scanner,
             format!("{} {}", s.engine, s.engine_version),
-            w.credits,
-            w.in_flight,
-            w.jobs_done
-        );
+            w.credits.to_string(),
+            w.in_flight.to_string(),
+            w.jobs_done.to_string(),
+        ]);
     }
+    println!("{}", table::render(t, &[4, 5, 6]));
     Ok(())
 }
 
@@ -313,9 +315,11 @@ pub async fn stats(url: &str, as_json: bool) -> anyhow::Result<()> {
             .collect();
         println!("{}", serde_json::to_string_pretty(&map)?);
     } else {
+        let mut t = table::new(&[]);
         for (k, v) in rows {
-            println!("{k:<22} {v}");
+            t.add_row(vec![k.to_owned(), v.to_string()]);
         }
+        println!("{}", table::render(t, &[1]));
     }
     Ok(())
 }
@@ -327,5 +331,8 @@ mod tests {
         assert_eq!(super::time(0), "1970-01-01T00:00:00Z");
         assert_eq!(super::time(1_700_000_000_123), "2023-11-14T22:13:20Z");
         assert_eq!(super::time(951_782_400_000), "2000-02-29T00:00:00Z");
+        // Outside what a broker sends: shown, never a panic.
+        assert_eq!(super::time(-1), "-1 ms since 1970");
+        assert_eq!(super::time(i64::MAX), format!("{} ms since 1970", i64::MAX));
     }
 }

@@ -3,6 +3,7 @@
 
 mod admin;
 mod config;
+mod table;
 
 use std::path::PathBuf;
 use std::sync::Arc;

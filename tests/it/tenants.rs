@@ -9,13 +9,12 @@
 //! records a malicious open and allows it, and that an exec-only namespace is not asked about
 //! plain opens (its execs are).
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
 use fleetscan_testkit::container::{Container, ContainerSpec, Runtime};
+
+use crate::common::*;
 
 /// Content acme's block list names (and globex's does not).
 const BLOCKED: &[u8] = b"#!/bin/sh\necho 'blocked by acme, fine for globex'\n";
@@ -72,6 +71,7 @@ fn denied(o: &std::process::Output) -> bool {
 
 #[test]
 fn tenants_are_scanned_by_their_own_workers_and_decided_by_their_own_policies() {
+    let _turn = shared_blocking();
     let mut sandbox = sandbox();
     let layers = sandbox.tmpfs("layers");
     let dir = sandbox.dir().to_path_buf();

@@ -2,12 +2,11 @@
 //! restarted, oversized content and messages. Every permission event must still be answered
 //! within its deadline, by the fail mode when nothing better is known. Needs root.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use fleetscan_proto::v1;
+
+use crate::common::*;
 
 /// Slack allowed on top of a deadline for scheduling on a loaded 2-core machine.
 const SLACK: Duration = Duration::from_millis(1500);
@@ -47,11 +46,15 @@ async fn no_broker(mode: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_no_broker_the_fail_mode_open_answers_in_time() {
+    // Alone: it bounds how long opens take (see `common::GATE`).
+    let _turn = alone().await;
     no_broker("open").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_no_broker_the_fail_mode_closed_answers_in_time() {
+    // Alone: it bounds how long opens take (see `common::GATE`).
+    let _turn = alone().await;
     no_broker("closed").await;
 }
 
@@ -124,16 +127,22 @@ async fn hung_worker(mode: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_worker_costs_at_most_the_deadline_fail_open() {
+    // Alone: it bounds how long opens take (see `common::GATE`).
+    let _turn = alone().await;
     hung_worker("open").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_worker_costs_at_most_the_deadline_fail_closed() {
+    // Alone: it bounds how long opens take (see `common::GATE`).
+    let _turn = alone().await;
     hung_worker("closed").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_killed_mid_stream_releases_pending_opens() {
+    // Alone: it bounds how long opens take (see `common::GATE`).
+    let _turn = alone().await;
     let mut sandbox = sandbox();
     let data = sandbox.tmpfs("data");
     write(
@@ -170,6 +179,7 @@ async fn a_broker_killed_mid_stream_releases_pending_opens() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_reconnects_to_a_restarted_broker() {
+    let _turn = shared().await;
     let mut sandbox = sandbox();
     let fs = sandbox.tmpfs("data");
     let data = fs.join("protected");
@@ -205,6 +215,7 @@ async fn the_agent_reconnects_to_a_restarted_broker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversize_files_follow_the_policy_and_are_counted() {
+    let _turn = shared().await;
     let mut sandbox = sandbox();
     let data = sandbox.tmpfs("data");
     let big = vec![b'x'; 64 * 1024];
@@ -240,6 +251,7 @@ async fn oversize_files_follow_the_policy_and_are_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_clear_errors_and_the_broker_keeps_serving() {
+    let _turn = shared().await;
     let mut sandbox = sandbox();
     let broker = sandbox.broker(&[]);
     sandbox.worker(&broker.url, &[]);

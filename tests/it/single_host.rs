@@ -2,12 +2,10 @@
 //! reference worker, agent), a tmpfs of the test's own, and opens and execs from this process.
 //! Needs root.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 /// A YARA rule that is not shipped: the test writes it to the worker's rules directory.
 const CUSTOM_RULE: &str = r#"
@@ -69,6 +67,7 @@ async fn host(agent_args: &[&str]) -> Host {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malicious_files_are_denied_and_clean_files_read_normally() {
+    let _turn = shared().await;
     let h = host(&[]).await;
     let clean = b"just a text file\n".repeat(1000);
     write(&h.data.join("clean.txt"), &clean);
@@ -139,6 +138,7 @@ async fn malicious_files_are_denied_and_clean_files_read_normally() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_of_a_malicious_binary_is_denied() {
+    let _turn = shared().await;
     let h = host(&[]).await;
     let true_bin = std::fs::read("/bin/true").expect("/bin/true");
     let good = h.data.join("good-true");
@@ -183,6 +183,7 @@ async fn exec_of_a_malicious_binary_is_denied() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bind_mount_does_not_bypass_the_scanner() {
+    let _turn = shared().await;
     let mut sandbox = sandbox();
     let fs = sandbox.tmpfs("fs");
     let protected = fs.join("protected");
@@ -231,16 +232,19 @@ async fn rewrite_is_judged_again(agent_args: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cached_clean_file_rewritten_with_malware_is_denied() {
+    let _turn = shared().await;
     rewrite_is_judged_again(&[]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cached_clean_file_rewritten_with_malware_is_denied_without_ignore_marks() {
+    let _turn = shared().await;
     rewrite_is_judged_again(&["--no-ignore-marks"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn denials_survive_a_broker_restart_on_the_same_store() {
+    let _turn = shared().await;
     let mut h = host(&[]).await;
     write(&h.data.join("eicar.com"), EICAR);
     assert!(open_file(h.data.join("eicar.com")).await.denied());
@@ -273,6 +277,7 @@ async fn denials_survive_a_broker_restart_on_the_same_store() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_protects_a_directory_in_one_process() {
+    let _turn = shared().await;
     let mut sandbox = sandbox();
     let data = sandbox.tmpfs("data");
     write(&data.join("eicar.com"), EICAR);
@@ -330,6 +335,7 @@ fn fleetscan_hostname() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_on_postgres_records_and_reuses_verdicts() {
+    let _turn = shared().await;
     let pg = fleetscan_store::testing::PgCluster::start();
     let store = pg.new_database();
     let mut sandbox = sandbox();

@@ -2,15 +2,15 @@
 //! database the test writes, behind `fleetscan worker --engine clamav`, a broker and an agent.
 //! Needs root and clamd.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use fleetscan_clamav::testing::{Clamd, Signatures};
+
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clamd_worker_blocks_what_clamd_finds() {
+    let _turn = shared().await;
     let generated = b"a generated file that only a hash signature knows\n".repeat(64);
     let clamd = Clamd::start(
         &Signatures::new()

@@ -1,9 +1,9 @@
 //! Every worker that ships passes the conformance kit: `fleetscan conformance` plays the broker
 //! and checks `fleetscan worker` (the reference engine, and ClamAV through a real clamd).
 
-mod common;
-
 use fleetscan_clamav::testing::{Clamd, Signatures};
+
+use crate::common::shared_blocking;
 
 fn conformance(worker_args: &str) -> String {
     let bin = env!("CARGO_BIN_EXE_fleetscan");
@@ -26,12 +26,14 @@ fn conformance(worker_args: &str) -> String {
 
 #[test]
 fn the_reference_worker_conforms() {
+    let _turn = shared_blocking();
     let report = conformance("");
     assert!(report.contains("9 passed, 0 failed"), "{report}");
 }
 
 #[test]
 fn the_clamav_worker_conforms() {
+    let _turn = shared_blocking();
     let clamd = Clamd::start(&Signatures::new().eicar().daily(27001));
     let report = conformance(&format!("--engine clamav --clamd {}", clamd.addr()));
     assert!(report.contains("9 passed, 0 failed"), "{report}");
@@ -41,6 +43,7 @@ fn the_clamav_worker_conforms() {
 /// `.ci/run`): a vendor needs nothing but the protocol.
 #[test]
 fn the_python_worker_conforms() {
+    let _turn = shared_blocking();
     let ok = std::process::Command::new("python3")
         .args(["-c", "import grpc, grpc_tools"])
         .status()

@@ -4,18 +4,17 @@
 //! replicas sharing one Postgres, reference workers. Every count asserted is read from the
 //! system: the brokers' counters, the workers' `jobs_done`, rows in Postgres. Needs root.
 //!
-//! The tests run one at a time (a lock): each starts a dozen processes, and the third measures
-//! latencies that a second fleet on the same two cores would blur.
-
-mod common;
+//! Each test runs alone (`common::alone`): each starts a dozen processes, and the third measures
+//! latencies that a second fleet, or any other test, on the same two cores would blur.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::*;
 use fleetscan_store::testing::PgCluster;
+
+use crate::common::*;
 
 /// A YARA rule the workers load from their rules directory from the start.
 const CUSTOM_RULE: &str = r#"
@@ -45,9 +44,6 @@ const LATER_MARKER: &[u8] = b"fleetscan-later-marker-c41d";
 
 /// Slack on top of a deadline for scheduling on a loaded 2-core machine.
 const SLACK: Duration = Duration::from_millis(1500);
-
-/// One test at a time (see the module header).
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// One Postgres server for the whole file; each test gets a fresh database in it.
 fn postgres() -> &'static PgCluster {
@@ -311,7 +307,7 @@ fn distinct(files: &[(&str, Vec<u8>)]) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_host_scans_each_distinct_content_once_and_the_others_none() {
-    let _serial = SERIAL.lock().await;
+    let _turn = alone().await;
     let files = image_tree();
     let want = distinct(&files) as u64;
     assert_eq!(want, 6, "the tree has six distinct contents");
@@ -368,7 +364,7 @@ async fn the_first_host_scans_each_distinct_content_once_and_the_others_none() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hosts_opening_a_new_file_at_once_cause_one_scan() {
-    let _serial = SERIAL.lock().await;
+    let _turn = alone().await;
     // Fail-open everywhere: a denial can only come from the verdict, never from a deadline.
     let fleet = Fleet::start(
         Setup {
@@ -449,7 +445,7 @@ struct Timed {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_hosts_broker_costs_no_decision_more_than_its_deadline() {
-    let _serial = SERIAL.lock().await;
+    let _turn = alone().await;
     const DEADLINE: Duration = Duration::from_millis(2000);
     // Fail-closed: an allowed open is a verdict that came from a broker.
     let fleet = Fleet::start(
@@ -584,7 +580,7 @@ async fn killing_a_hosts_broker_costs_no_decision_more_than_its_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rule_set_change_sends_a_clean_file_to_the_worker_again() {
-    let _serial = SERIAL.lock().await;
+    let _turn = alone().await;
     let clean = unique_bytes(30, 16 * 1024);
     let later = with_marker(31, LATER_MARKER);
     let files = [("clean.txt", clean.clone()), ("later.bin", later.clone())];

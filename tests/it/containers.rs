@@ -7,13 +7,10 @@
 //! Kubernetes namespace and tenant come from pod metadata (another part of issue 4) and are not
 //! checked here.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
 use fleetscan_proto::v1;
 use fleetscan_proto::v1::agent_message::Msg as AgentMsg;
 use fleetscan_proto::v1::agent_service_server::{AgentService, AgentServiceServer};
@@ -21,6 +18,8 @@ use fleetscan_proto::v1::broker_message::Msg as BrokerMsg;
 use fleetscan_testkit::container::{Container, ContainerSpec, Runtime};
 use tonic::codegen::tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
+
+use crate::common::*;
 
 /// What the agent sent.
 #[derive(Default)]
@@ -170,6 +169,7 @@ fn setup() -> (Sandbox, Broker, std::path::PathBuf) {
 
 #[test]
 fn an_access_in_a_container_is_attributed_to_its_container_pod_pid_and_paths() {
+    let _turn = shared_blocking();
     let (_sandbox, broker, layers) = setup();
     let volume = layers.join("volume-src");
     std::fs::create_dir_all(&volume).unwrap();
@@ -245,6 +245,7 @@ fn an_access_in_a_container_is_attributed_to_its_container_pod_pid_and_paths() {
 
 #[test]
 fn a_reused_pid_is_never_attributed_to_the_process_that_had_it() {
+    let _turn = shared_blocking();
     let (_sandbox, broker, layers) = setup();
     const TRIES: usize = 60;
     let old = Container::start(
