@@ -47,11 +47,11 @@ pub fn fleetscan(args: &[&str]) -> String {
 
 /// The tests of this binary run on parallel threads (as many as the machine has cores, two
 /// here). Each takes its turn at this gate before it starts anything: most share it, but a test
-/// that bounds how long something takes, or that starts a whole fleet, runs alone, so that the
-/// only load beside it is its own and a bound it asserts measures the system under test. Taken
-/// before the sandbox (whose watchdog's clock starts with it), held until the test ends.
-/// `tokio`'s lock: fair (a waiting `alone` test is not starved by a stream of shared ones), and
-/// not poisoned by a test that panics holding it.
+/// that bounds how long something takes, that needs the next pid the kernel hands out, or that
+/// starts a whole fleet, runs alone, so that no other test of this binary loads the machine or
+/// forks beside it. Taken before the sandbox (whose watchdog's clock starts with it), held until
+/// the test ends. `tokio`'s lock: fair (a waiting `alone` test is not starved by a stream of
+/// shared ones), and not poisoned by a test that panics holding it.
 static GATE: RwLock<()> = RwLock::const_new(());
 
 /// A turn at the gate; the test holds it to its end (dropping it lets the next in).
@@ -64,6 +64,14 @@ pub struct Turn {
 pub async fn alone() -> Turn {
     Turn {
         _alone: Some(GATE.write().await),
+        _shared: None,
+    }
+}
+
+/// [`alone`], for a test that is not async.
+pub fn alone_blocking() -> Turn {
+    Turn {
+        _alone: Some(GATE.blocking_write()),
         _shared: None,
     }
 }

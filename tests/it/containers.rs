@@ -245,7 +245,9 @@ fn an_access_in_a_container_is_attributed_to_its_container_pod_pid_and_paths() {
 
 #[test]
 fn a_reused_pid_is_never_attributed_to_the_process_that_had_it() {
-    let _turn = shared_blocking();
+    // Alone: each try needs the next pid the kernel hands out, which a fork or a new thread of
+    // any other test would take first (see `common::GATE`).
+    let _turn = alone_blocking();
     let (_sandbox, broker, layers) = setup();
     const TRIES: usize = 60;
     let old = Container::start(
