@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use fleetscan_core::Backoff;
 use fleetscan_worker::{WorkerConfig, WorkerError};
 use tracing::{debug, info, warn};
 
@@ -23,8 +24,8 @@ use crate::client::{ClamdAddr, ClamdError};
 use crate::protocol::ClamdVersion;
 use crate::scanner::{ClamdOptions, ClamdScanner};
 
-/// Reconnect delays to a clamd that went away during a re-registration: quick to notice a
-/// restart, capped so an outage costs one attempt every few seconds.
+/// Reconnect delays to a clamd that went away during a re-registration (doubling, jittered):
+/// quick to notice a restart, capped so an outage costs one attempt every few seconds.
 const RECONNECT_INITIAL: Duration = Duration::from_millis(200);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
@@ -120,11 +121,14 @@ async fn connect(
 }
 
 async fn reconnect(clamd: &ClamdAddr, scanner_name: &str, options: &ClamdOptions) -> ClamdScanner {
-    let mut delay = RECONNECT_INITIAL;
+    // A new backoff per reconnect: it ends at the first connect that works, so nothing resets
+    // it by time.
+    let mut backoff = Backoff::new(RECONNECT_INITIAL, RECONNECT_MAX, Duration::MAX);
     loop {
         match connect(clamd.clone(), scanner_name, options.clone()).await {
             Ok(scanner) => return scanner,
             Err(err) => {
+                let delay = backoff.next_delay();
                 warn!(
                     clamd = %clamd,
                     error = %err,
@@ -132,7 +136,6 @@ async fn reconnect(clamd: &ClamdAddr, scanner_name: &str, options: &ClamdOptions
                     "cannot reach clamd to register again"
                 );
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(RECONNECT_MAX);
             }
         }
     }

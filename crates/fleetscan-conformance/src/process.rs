@@ -3,7 +3,8 @@
 //!
 //! A group of its own because `sh -c` may fork rather than exec, and a worker may start helpers
 //! (a scanning daemon): killing the group is what makes sure nothing outlives the check. This
-//! module signals only that group, which consists of processes the kit started.
+//! module must never signal anything but that group, which consists of processes the kit
+//! started.
 
 use std::collections::VecDeque;
 use std::process::{ExitStatus, Stdio};

@@ -1,6 +1,7 @@
 //! The report a vendor reads, and the wording shared by every check's detail.
 //!
-//! The summary line is exactly "N passed, M failed", the plain closing line CI tooling reads.
+//! The summary line is exactly "N passed, M failed", the plain closing line CI tooling reads;
+//! it must never change its wording.
 
 use std::io::Write;
 use std::time::Duration;

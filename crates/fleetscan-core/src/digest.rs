@@ -1,4 +1,7 @@
 //! SHA-256 content digests, the key of every verdict.
+//!
+//! A digest is only ever computed from content; it must never be taken from a path, a size or
+//! anything else that two different contents can share.
 
 use std::fmt;
 use std::str::FromStr;

@@ -1,4 +1,6 @@
 //! Access records: what was opened or executed, by whom, and what was decided.
+//!
+//! Plain data for the store and the admin API; it must never decide anything itself.
 
 use serde::{Deserialize, Serialize};
 

@@ -1,4 +1,7 @@
 //! Policy: how verdicts and failures turn into allow or deny.
+//!
+//! Pure: it must never let a failure pass for a verdict (an error or a missing verdict is the
+//! fail mode, never clean), and never deny under audit-only.
 
 use std::time::Duration;
 

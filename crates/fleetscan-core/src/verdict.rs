@@ -1,4 +1,7 @@
 //! Verdicts: what one scanner, at one engine and rule-set version, said about one content.
+//!
+//! A verdict must never stand for another scanner identity than its own: two verdicts are
+//! interchangeable only when scanner, engine, engine version and rule-set version are equal.
 
 use serde::{Deserialize, Serialize};
 

@@ -6,11 +6,15 @@
 //! - [`pidfd_inode`]: the pidfd's inode on pidfs (Linux 6.9), unique to one process for the
 //!   life of the boot, so it can key a cache where a pid number cannot.
 //! - [`pidfd_open`]: a pidfd for a pid (tests, and callers that hold a child they started).
+//! - [`pidfd_exited`]: whether the process has exited (its pidfd polls readable).
 //!
 //! Nothing here blocks, and nothing opens a file by path.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::time::Duration;
+
+use crate::poll::{POLLIN, PollFd, poll};
 
 /// `struct pidfd_info` as of its first version (64 bytes, `PIDFD_INFO_SIZE_VER0`). The kernel
 /// copies at most the size the request names, so later kernels with a longer struct answer
@@ -109,6 +113,12 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     let fd = i32::try_from(rc).map_err(|_| io::Error::other("pidfd out of range"))?;
     // SAFETY: `fd` was just returned by pidfd_open, is open, and nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether the process behind `pidfd` has exited (its pidfd polls readable).
+pub fn pidfd_exited(pidfd: BorrowedFd<'_>) -> bool {
+    let mut fds = [PollFd::new(pidfd, POLLIN)];
+    matches!(poll(&mut fds, Some(Duration::ZERO)), Ok(n) if n > 0)
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! Callers care about one distinction: is the store *unavailable* (the database is down,
 //! unreachable, overloaded or out of disk: retry later, queue, fall back) or did this call fail
 //! on its own merits (bad data, a violated constraint, a bug: retrying will not help)? Every
-//! sqlx error goes through [`StoreError::from_sqlx`]; no other code inspects sqlx errors.
+//! sqlx error goes through [`StoreError::from_sqlx`]; no other code may inspect sqlx errors.
 
 use sqlx::migrate::MigrateError;
 

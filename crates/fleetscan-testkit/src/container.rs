@@ -28,7 +28,8 @@ use std::process::{Child, ChildStdin, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::{require_root, run_with_deadline};
+use crate::command::run_with_deadline;
+use crate::require_root;
 
 /// How long a command run in a container ([`Container::exec`]) may take.
 pub const EXEC_LIMIT: Duration = Duration::from_secs(60);

@@ -25,7 +25,9 @@ use std::time::Duration;
 
 use nix::sched::CloneFlags;
 
-use crate::{OpenOutcome, Proc, Sandbox, Teardown, run_checked, run_with_deadline};
+use crate::cleanup::Teardown;
+use crate::command::{COMMAND_LIMIT, run_checked, run_with_deadline};
+use crate::{OpenOutcome, Proc, Sandbox};
 
 /// How long one call into a host ([`Host::run`], [`HostCall::wait`]) may take.
 pub const HOST_CALL_LIMIT: Duration = Duration::from_secs(60);
@@ -229,13 +231,13 @@ fn has_tmpfs(mountinfo: &str, point: &Path, source: &str) -> bool {
 fn free_subnet(seq: u32) -> [u8; 3] {
     let routes = run_with_deadline(
         Command::new("ip").args(["-4", "route", "show", "table", "all"]),
-        crate::COMMAND_LIMIT,
+        COMMAND_LIMIT,
     )
     .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
     .unwrap_or_else(|e| panic!("listing routes (ip -4 route): {e}"));
     let addrs = run_with_deadline(
         Command::new("ip").args(["-4", "addr", "show"]),
-        crate::COMMAND_LIMIT,
+        COMMAND_LIMIT,
     )
     .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
     .unwrap_or_else(|e| panic!("listing addresses (ip -4 addr): {e}"));

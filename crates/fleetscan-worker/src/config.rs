@@ -1,5 +1,8 @@
 //! The worker's configuration. Timing constants that operators need not tune live in
-//! `session`, each with the reason for its value.
+//! `session::timing`, each with the reason for its value.
+//!
+//! Its defaults must never need the network or a file: a missing host name only shortens the
+//! worker's name.
 
 /// How a worker attaches and how much work it takes.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,5 +1,6 @@
 //! Errors of the worker loop. Transient failures (broker gone, stream broken) are not errors:
-//! `run` retries them with backoff. Only what retrying cannot fix ends `run` with an error.
+//! `run` retries them with backoff. Only what retrying cannot fix ends `run` with an error;
+//! it must never name a transient failure.
 
 /// Why [`crate::run`] gave up.
 #[derive(Debug, thiserror::Error)]

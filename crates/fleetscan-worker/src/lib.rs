@@ -11,19 +11,18 @@
 //! [`Composite`], several scanners presented to the broker as one.
 //!
 //! This crate never decides an access and never stores a verdict: it only answers jobs. It
-//! speaks protocol types only in `session`, the gRPC edge.
+//! speaks protocol types only in `session`, the gRPC edge; `slots` runs the scans.
 
 #![forbid(unsafe_code)]
 
 mod assembly;
-mod backoff;
 mod composite;
 mod config;
 mod error;
-mod pool;
 mod scanner;
 mod session;
 mod sha256_list;
+mod slots;
 
 pub use composite::Composite;
 pub use config::WorkerConfig;

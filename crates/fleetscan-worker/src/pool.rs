@@ -36,7 +36,7 @@ pub(crate) struct ScanJob {
     pub(crate) done: mpsc::UnboundedSender<Done>,
 }
 
-/// A job the pool is finished with.
+/// A job the slots are finished with.
 #[derive(Debug)]
 pub(crate) struct Done {
     pub(crate) job_id: u64,
@@ -45,7 +45,9 @@ pub(crate) struct Done {
     pub(crate) scanned: Option<(ScanOutcome, u64)>,
 }
 
-pub(crate) struct ScanPool {
+/// The scan slots every session of one `run` shares. (Not a pool: in fleetscan a pool is a
+/// group of workers the broker routes jobs to.)
+pub(crate) struct ScanSlots {
     scanner: Arc<dyn Scanner>,
     limit: usize,
     state: Mutex<State>,
@@ -81,10 +83,10 @@ impl State {
     }
 }
 
-impl ScanPool {
-    /// A pool running at most `limit` (at least 1) scans at once.
-    pub(crate) fn new(scanner: Arc<dyn Scanner>, limit: usize) -> Arc<ScanPool> {
-        Arc::new(ScanPool {
+impl ScanSlots {
+    /// Slots for at most `limit` (at least 1) scans at once.
+    pub(crate) fn new(scanner: Arc<dyn Scanner>, limit: usize) -> Arc<ScanSlots> {
+        Arc::new(ScanSlots {
             scanner,
             limit: limit.max(1),
             state: Mutex::new(State::default()),
@@ -112,9 +114,9 @@ impl ScanPool {
     }
 
     fn start_runner(self: &Arc<Self>) {
-        let pool = Arc::clone(self);
+        let slots = Arc::clone(self);
         // Detached: the runner reports through each job's `done` channel.
-        drop(tokio::task::spawn_blocking(move || pool.run_queue()));
+        drop(tokio::task::spawn_blocking(move || slots.run_queue()));
     }
 
     /// Scans queued jobs until there are none; the runner count drops under the same lock that
@@ -283,11 +285,11 @@ mod tests {
     }
 
     /// Waits until every runner has ended (a runner ends after sending its last `Done`).
-    async fn idle(pool: &ScanPool) {
+    async fn idle(slots: &ScanSlots) {
         let start = Instant::now();
         loop {
             {
-                let state = pool.lock();
+                let state = slots.lock();
                 if state.runners == 0 {
                     return;
                 }
@@ -304,10 +306,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn never_more_scans_at_once_than_the_limit_and_every_job_is_answered() {
         let scanner = Counting::held();
-        let pool = ScanPool::new(scanner.clone(), 3);
+        let slots = ScanSlots::new(scanner.clone(), 3);
         let (tx, mut rx) = mpsc::unbounded_channel();
         for i in 0..40 {
-            pool.submit(job(i, format!("content {i}").as_bytes(), &tx).0);
+            slots.submit(job(i, format!("content {i}").as_bytes(), &tx).0);
         }
         // The first three jobs hold every slot; the other 37 wait in the queue.
         tokio::task::block_in_place(|| scanner.wait_for_waiting(3));
@@ -322,8 +324,8 @@ mod tests {
         assert_eq!(ids, (0..40).collect::<Vec<_>>());
         assert_eq!(scanner.max_active.load(Ordering::SeqCst), 3);
         // Every runner ended once the queue was empty.
-        idle(&pool).await;
-        assert_eq!(pool.lock().runners, 0);
+        idle(&slots).await;
+        assert_eq!(slots.lock().runners, 0);
     }
 
     /// A burst handed over at once starts one runner; each runner that takes a job while more
@@ -331,12 +333,12 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_burst_starts_runners_one_by_one_up_to_the_limit() {
         let scanner = Counting::held();
-        let pool = ScanPool::new(scanner.clone(), 4);
+        let slots = ScanSlots::new(scanner.clone(), 4);
         let (tx, mut rx) = mpsc::unbounded_channel();
         let burst: Vec<_> = (0..30)
             .map(|i| job(i, format!("burst {i}").as_bytes(), &tx).0)
             .collect();
-        pool.submit_all(burst);
+        slots.submit_all(burst);
         // Held scans keep their runners: the peak of four is reached and stays until release.
         tokio::task::block_in_place(|| scanner.wait_for_waiting(4));
         assert_eq!(scanner.max_active.load(Ordering::SeqCst), 4);
@@ -348,8 +350,8 @@ mod tests {
         ids.sort_unstable();
         assert_eq!(ids, (0..30).collect::<Vec<_>>());
         assert_eq!(scanner.max_active.load(Ordering::SeqCst), 4);
-        idle(&pool).await;
-        let state = pool.lock();
+        idle(&slots).await;
+        let state = slots.lock();
         assert_eq!((state.runners, state.free), (0, 0));
         // No runner ends while jobs wait, so the whole burst cost exactly `limit` runners.
         assert_eq!(
@@ -360,29 +362,29 @@ mod tests {
 
     #[tokio::test]
     async fn mismatches_panics_and_cancellations_are_answered_without_losing_a_slot() {
-        let pool = ScanPool::new(Arc::new(Counting::default()), 1);
+        let slots = ScanSlots::new(Arc::new(Counting::default()), 1);
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (mut bad, _) = job(1, b"content", &tx);
         bad.expected = Sha256::of(b"other content");
-        pool.submit(bad);
+        slots.submit(bad);
         let done = rx.recv().await.unwrap();
         let (outcome, _) = done.scanned.unwrap();
         assert_eq!(outcome.detail.as_deref(), Some("sha256 mismatch"));
         assert!(!outcome.retryable);
 
-        pool.submit(job(2, b"boom", &tx).0);
+        slots.submit(job(2, b"boom", &tx).0);
         let (outcome, _) = rx.recv().await.unwrap().scanned.unwrap();
         assert_eq!(outcome.detail.as_deref(), Some("scanner panicked"));
 
         let (cancelled, flag) = job(3, b"never scanned", &tx);
         flag.store(true, Ordering::Release);
-        pool.submit(cancelled);
+        slots.submit(cancelled);
         let done = rx.recv().await.unwrap();
         assert_eq!(done.job_id, 3);
         assert!(done.scanned.is_none());
 
         // The one slot is still there.
-        pool.submit(job(4, b"fine", &tx).0);
+        slots.submit(job(4, b"fine", &tx).0);
         let done = rx.recv().await.unwrap();
         assert_eq!(done.job_id, 4);
         assert_eq!(done.scanned.unwrap().0.kind, VerdictKind::Clean);

@@ -9,10 +9,7 @@ use std::time::Duration;
 use fleetscan_core::{ScannerIdentity, Sha256};
 use fleetscan_store::{Claim, Notice, Store};
 
-#[macro_use]
-mod common;
-
-use common::{Fixture, postgres_fixture, sqlite_fixture};
+use crate::common::{Fixture, postgres_fixture, sqlite_fixture};
 
 both_backends!(
     a_new_identity_becomes_current_and_moves_the_generation,

@@ -1,4 +1,4 @@
-//! The fixtures every store test file shares: a fresh store on each backend, and
+//! The fixtures every store test module shares: a fresh store on each backend, and
 //! `both_backends!`, which runs one test body on both.
 //!
 //! Postgres is required: without root and the Postgres binaries (or DATABASE_URL) the Postgres
@@ -51,7 +51,7 @@ pub async fn postgres_fixture() -> Fixture {
 }
 
 /// Runs each named `async fn(Fixture)` once per backend, as `sqlite::NAME` and `postgres::NAME`.
-/// The test file must have `sqlite_fixture` and `postgres_fixture` in scope at its root.
+/// The module must have `sqlite_fixture` and `postgres_fixture` in scope at its root.
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite {

@@ -12,10 +12,7 @@ use fleetscan_store::testing::PgCluster;
 use fleetscan_store::{AccessFilter, HostRecord, Store, StoreError, StoredCounts};
 use sqlx::Connection as _;
 
-#[macro_use]
-mod common;
-
-use common::{Fixture, postgres_fixture, sqlite_fixture};
+use crate::common::{Fixture, postgres_fixture, sqlite_fixture};
 
 both_backends!(
     verdict_is_found_only_by_its_exact_identity,

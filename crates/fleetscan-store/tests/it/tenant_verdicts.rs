@@ -7,10 +7,7 @@
 
 use fleetscan_core::{ScannerIdentity, Sha256, Verdict, VerdictKind};
 
-#[macro_use]
-mod common;
-
-use common::{Fixture, postgres_fixture, sqlite_fixture};
+use crate::common::{Fixture, postgres_fixture, sqlite_fixture};
 
 both_backends!(
     a_tenant_verdict_is_found_only_for_its_tenant,

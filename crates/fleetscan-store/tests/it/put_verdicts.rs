@@ -10,10 +10,7 @@ use std::sync::Arc;
 use fleetscan_core::{ScannerIdentity, Sha256, Verdict, VerdictKind};
 use fleetscan_store::StoreError;
 
-#[macro_use]
-mod common;
-
-use common::{Fixture, postgres_fixture, sqlite_fixture};
+use crate::common::{Fixture, postgres_fixture, sqlite_fixture};
 
 both_backends!(
     a_large_batch_is_stored_whole,
