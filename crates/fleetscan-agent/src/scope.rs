@@ -17,7 +17,7 @@
 
 use std::sync::Arc;
 
-use fleetscan_core::tenancy::{Exclusions, PolicySet};
+use fleetscan_core::tenancy::{CompiledExclusions, Exclusions, PolicySet};
 use fleetscan_core::{AccessKind, Policy, Subject};
 
 /// The policy of one scope, as this agent applies it.
@@ -34,7 +34,8 @@ pub(crate) struct Scope {
     /// Fail mode, deadline (already capped by the agent's own), size limit, audit-only.
     pub policy: Policy,
     pub exec_only: bool,
-    pub exclusions: Exclusions,
+    /// Compiled once, when the policy set arrives: never per access.
+    pub exclusions: CompiledExclusions,
 }
 
 impl Scope {
@@ -46,13 +47,13 @@ impl Scope {
             namespace,
             policy,
             exec_only: false,
-            exclusions: Exclusions::default(),
+            exclusions: Exclusions::default().compile(),
         }
     }
 
     fn with_rules(mut self, exec_only: bool, exclusions: &Exclusions) -> Scope {
         self.exec_only = exec_only;
-        self.exclusions = exclusions.clone();
+        self.exclusions = exclusions.compile();
         self
     }
 
@@ -74,7 +75,8 @@ impl Scope {
 
     /// Whether anything of this scope needs the process examined before deciding.
     fn looks_at_subject(&self) -> bool {
-        !self.exclusions.images.is_empty() || !self.exclusions.namespaces.is_empty()
+        let rules = self.exclusions.rules();
+        !rules.images.is_empty() || !rules.namespaces.is_empty()
     }
 }
 
