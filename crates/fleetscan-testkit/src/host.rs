@@ -271,6 +271,13 @@ impl Sandbox {
             self.tear_down_later(Teardown::Link(net.bridge.clone()));
             let gw = format!("{}/{PREFIX_LEN}", net.gateway());
             run_checked(Command::new("ip").args(["link", "add", &net.bridge, "type", "bridge"]));
+            // A bridge takes the lowest address of its ports unless given one: each host added
+            // could change the gateway's address under the hosts already talking to it, whose
+            // packets then go to the old address until their neighbour entry expires (seconds
+            // of silent loss). A fixed, locally administered address never changes.
+            let [_, b, c] = net.subnet;
+            let mac = format!("02:66:73:{b:02x}:{c:02x}:01");
+            run_checked(Command::new("ip").args(["link", "set", &net.bridge, "address", &mac]));
             run_checked(Command::new("ip").args(["addr", "add", &gw, "dev", &net.bridge]));
             run_checked(Command::new("ip").args(["link", "set", &net.bridge, "up"]));
             self.net = Some(net);

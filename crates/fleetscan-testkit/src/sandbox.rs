@@ -67,7 +67,8 @@ impl Sandbox {
             net: None,
             guard: Guard::default(),
             // Tests read the logs when they fail: every decision is logged.
-            log_filter: "info,fleetscan=debug".to_owned(),
+            log_filter: std::env::var("FLEETSCAN_TEST_LOG")
+                .unwrap_or_else(|_| "info,fleetscan=debug".to_owned()),
         }
     }
 
