@@ -16,7 +16,7 @@
 use std::sync::Arc;
 
 use fleetscan_core::{PoolKey, Sha256, Verdict, now_unix_ms};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::Engine;
 use super::cache::{IdentityId, InternedIdentity};
@@ -213,6 +213,15 @@ impl Engine {
             }
             resolution => resolution,
         };
+        match &resolution {
+            Resolution::Verdict(v) => {
+                debug!(sha256 = %job.sha256, verdict = ?v.kind, "flight ended")
+            }
+            Resolution::Oversize(size) => {
+                debug!(sha256 = %job.sha256, size, "flight ended: oversize")
+            }
+            Resolution::Failed(why) => debug!(sha256 = %job.sha256, why, "flight ended: failed"),
+        }
         leader.complete(resolution);
     }
 
@@ -253,6 +262,7 @@ impl Engine {
                     if !waited {
                         waited = true;
                         bump(&self.stats.scans_deduplicated);
+                        debug!(sha256 = %job.sha256, "another broker holds the scan's claim; waiting for its verdict");
                     }
                     self.fleet.wait_for_verdict(&job.sha256).await;
                 }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use fleetscan_core::{AccessRecord, Backoff, Verdict, now_unix_ms};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// Largest number of records written in one batch (one transaction). A writer that falls behind
 /// catches up in large batches: a SQLite file whose keys are random digests takes about twice as
@@ -381,6 +381,7 @@ impl<S: Sink> Writer<S> {
             match attempt {
                 Ok(()) => {
                     self.shared.in_batch.store(0, Ordering::Relaxed);
+                    debug!("batch written");
                     return true;
                 }
                 Err(e) if !e.retryable => {

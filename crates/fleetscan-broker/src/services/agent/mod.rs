@@ -262,6 +262,7 @@ impl Session {
     /// ready, else from a task of its own.
     async fn access(self: &Arc<Self>, request: v1::AccessRequest) {
         let request_id = request.request_id;
+        debug!(node = %self.agent.node(), request_id, sha256 = %request.sha256, "access request received");
         let (access, echo) = access_of(request);
         match self.agent.decide(access) {
             Answer::Now(decision) => self.reply(request_id, echo, decision).await,
