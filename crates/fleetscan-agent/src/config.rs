@@ -39,21 +39,19 @@ pub struct AgentConfig {
 }
 
 impl Default for AgentConfig {
-    /// One local broker, nothing protected, fail-open, 5 s, 64 MiB, ignore marks on, 100,000
+    /// One local broker, nothing protected, fail-open, 5 s, 64 MiB, ignore marks on, 1,000,000
     /// cache entries; the node is the host name, the cluster "default".
     fn default() -> Self {
         AgentConfig {
             brokers: vec!["http://127.0.0.1:7700".into()],
             protect: Vec::new(),
-            node: std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|s| s.trim().to_string())
-                .unwrap_or_else(|_| "localhost".into()),
+            node: fleetscan_core::host_name(),
             cluster: "default".into(),
             fail_mode: FailMode::Open,
             decision_deadline: fleetscan_core::policy::MAX_DECISION_DEADLINE,
             max_file_size: 64 * 1024 * 1024,
             ignore_marks: true,
-            cache_capacity: 100_000,
+            cache_capacity: 1_000_000,
             pods: pods::PodSource::None,
             pod_retention: Duration::from_secs(300),
         }

@@ -5,7 +5,9 @@ use std::time::Duration;
 use fleetscan_core::{Policy, TenancyConfig};
 use serde::{Deserialize, Serialize};
 
-/// How a broker runs. `Default` gives a single-host broker on a local SQLite file.
+/// How a broker runs. `Default` gives a single-host broker on the SQLite file
+/// `/var/lib/fleetscan/fleetscan.db`, named `HOSTNAME-PID`; these are the defaults every
+/// `fleetscan` command starts from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
@@ -40,8 +42,8 @@ pub struct BrokerConfig {
 impl Default for BrokerConfig {
     fn default() -> Self {
         BrokerConfig {
-            broker_id: format!("broker-{}", std::process::id()),
-            store_url: "sqlite://fleetscan.db".into(),
+            broker_id: format!("{}-{}", fleetscan_core::host_name(), std::process::id()),
+            store_url: "sqlite:///var/lib/fleetscan/fleetscan.db".into(),
             policy: Policy::default(),
             tenancy: TenancyConfig::default(),
             scan_deadline: Duration::from_secs(30),

@@ -19,6 +19,21 @@ pub use subject::Subject;
 pub use tenancy::{EffectivePolicy, PoolKey, Tenancy, TenancyConfig};
 pub use verdict::{AccessKind, ScannerIdentity, Verdict, VerdictKind};
 
+/// This machine's host name as the kernel has it, or "localhost" should it be empty or
+/// unreadable: the default name of an agent's node, a broker and a worker. Names are for
+/// operators; a missing one must never stop a component.
+pub fn host_name() -> String {
+    let name = gethostname::gethostname()
+        .to_string_lossy()
+        .trim()
+        .to_owned();
+    if name.is_empty() {
+        "localhost".to_owned()
+    } else {
+        name
+    }
+}
+
 /// Milliseconds since the Unix epoch, the one timestamp representation of the domain.
 pub fn now_unix_ms() -> i64 {
     std::time::SystemTime::now()

@@ -26,29 +26,21 @@ pub struct WorkerConfig {
 }
 
 impl Default for WorkerConfig {
-    /// Defaults: brokers ["http://127.0.0.1:7700"], worker name "HOSTNAME-PID", pool "" (the
-    /// default pool), no tenants (the broker's default tenant), credits = available
-    /// parallelism (at least 1), max_file_size 256 MiB.
+    /// Defaults: brokers ["http://127.0.0.1:7700"], worker name "HOSTNAME-PID", pool
+    /// "default", no tenants (the broker's default tenant), 4 credits, no size limit (the
+    /// broker's policy bounds what it sends).
     fn default() -> Self {
         WorkerConfig {
             brokers: vec!["http://127.0.0.1:7700".to_owned()],
             worker_name: default_worker_name(),
-            pool: String::new(),
+            pool: "default".to_owned(),
             tenants: Vec::new(),
-            credits: std::thread::available_parallelism()
-                .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
-                .unwrap_or(1),
-            max_file_size: 256 * 1024 * 1024,
+            credits: 4,
+            max_file_size: 0,
         }
     }
 }
 
 fn default_worker_name() -> String {
-    // Best effort: the name is for operators only, so a missing host name is not an error.
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "worker".to_owned());
-    format!("{host}-{}", std::process::id())
+    format!("{}-{}", fleetscan_core::host_name(), std::process::id())
 }

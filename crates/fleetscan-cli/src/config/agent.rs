@@ -10,7 +10,7 @@ use fleetscan_agent::pods::PodSource;
 use fleetscan_core::FailMode;
 use serde::{Deserialize, Serialize};
 
-use super::{defaults, millis};
+use super::millis;
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -42,7 +42,7 @@ pub struct AgentSection {
 
 impl Default for AgentSection {
     fn default() -> Self {
-        let a = defaults::agent();
+        let a = AgentConfig::default();
         AgentSection {
             brokers: a.brokers,
             protect: a.protect,
@@ -70,7 +70,7 @@ impl AgentSection {
             brokers: self.brokers.clone(),
             protect: self.protect.clone(),
             node: if self.node.is_empty() {
-                defaults::agent().node
+                AgentConfig::default().node
             } else {
                 self.node.clone()
             },

@@ -31,7 +31,7 @@ pub struct PolicySection {
 
 impl Default for PolicySection {
     fn default() -> Self {
-        PolicySection::from_policy(&defaults::broker().policy)
+        PolicySection::from_policy(&BrokerConfig::default().policy)
     }
 }
 
@@ -99,7 +99,7 @@ pub struct BrokerSection {
 
 impl Default for BrokerSection {
     fn default() -> Self {
-        let b = defaults::broker();
+        let b = BrokerConfig::default();
         BrokerSection {
             listen: defaults::DEFAULT_BROKER_ADDR
                 .parse()
@@ -134,7 +134,7 @@ impl BrokerSection {
 
     pub fn to_broker_config(&self) -> BrokerConfig {
         let broker_id = if self.broker_id.is_empty() {
-            defaults::broker().broker_id
+            BrokerConfig::default().broker_id
         } else {
             self.broker_id.clone()
         };

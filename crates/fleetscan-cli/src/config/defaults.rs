@@ -1,21 +1,14 @@
-//! The defaults `fleetscan` gives each component: the component's own `Default`
+//! The defaults `fleetscan` gives each component are the component's own `Default`
 //! (`BrokerConfig::default()`, `AgentConfig::default()`, `WorkerConfig::default()`), which the
 //! sections convert to their keys. linkerd2-proxy's `app/src/env.rs` is the model: one block
 //! of defaults, read once into each component's configuration.
 //!
-//! Where a component's own default still differs from what `fleetscan` users have always had,
-//! the users' value is kept below, marked *pending*, until the component adopts it (issue 12);
-//! `pending_overrides_still_differ` fails once it has, so that the override is deleted then.
-//! Must never: hold any other default for a field a component has; a default that should
-//! change changes in its component.
+//! Must never: hold a default for a field a component has; a default that should change
+//! changes in its component.
 //!
 //! The constants here are the CLI's own: keys no component has.
 
 use std::path::Path;
-
-use fleetscan_agent::AgentConfig;
-use fleetscan_broker::BrokerConfig;
-use fleetscan_worker::WorkerConfig;
 
 /// The broker's default gRPC address, used by every client subcommand too.
 pub const DEFAULT_BROKER_ADDR: &str = "127.0.0.1:7700";
@@ -31,52 +24,13 @@ pub fn sqlite_store_in(dir: &Path) -> String {
     format!("sqlite://{}", dir.join("fleetscan.db").display())
 }
 
-/// The broker's defaults.
-pub fn broker() -> BrokerConfig {
-    BrokerConfig {
-        // Pending in fleetscan-broker: "broker-<pid>" there.
-        broker_id: format!("{}-{}", hostname(), std::process::id()),
-        // Pending in fleetscan-broker: "sqlite://fleetscan.db" (the working directory) there.
-        store_url: sqlite_store_in(Path::new(DEFAULT_DATA_DIR)),
-        ..BrokerConfig::default()
-    }
-}
-
-/// The agent's defaults.
-pub fn agent() -> AgentConfig {
-    AgentConfig {
-        // Pending in fleetscan-agent: 100_000 there.
-        cache_capacity: 1_000_000,
-        ..AgentConfig::default()
-    }
-}
-
-/// The worker's defaults.
-pub fn worker() -> WorkerConfig {
-    WorkerConfig {
-        // Pending in fleetscan-worker: "" there (which the broker reads as "default").
-        pool: "default".to_owned(),
-        // Pending in fleetscan-worker: the machine's available parallelism there.
-        credits: 4,
-        // Pending in fleetscan-worker: 256 MiB there.
-        max_file_size: 0,
-        ..WorkerConfig::default()
-    }
-}
-
-/// The kernel's host name ("localhost" should it be empty).
-fn hostname() -> String {
-    let name = gethostname::gethostname().to_string_lossy().into_owned();
-    if name.is_empty() {
-        "localhost".to_owned()
-    } else {
-        name
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fleetscan_agent::AgentConfig;
+    use fleetscan_broker::BrokerConfig;
+    use fleetscan_worker::WorkerConfig;
+
     use crate::config::{AgentSection, BrokerSection, Config, PolicySection, WorkerSection};
 
     /// Every field a section shares with its component has the component's default: the
@@ -84,14 +38,23 @@ mod tests {
     /// whole (so a field added to both is covered without a change here).
     #[test]
     fn every_section_default_is_its_components() {
-        assert_eq!(BrokerSection::default().to_broker_config(), broker());
-        let b = broker();
+        assert_eq!(
+            BrokerSection::default().to_broker_config(),
+            BrokerConfig::default()
+        );
+        let b = BrokerConfig::default();
         assert_eq!(
             PolicySection::default().to_policy(b.policy.version),
             b.policy
         );
-        assert_eq!(AgentSection::default().to_agent_config().unwrap(), agent());
-        assert_eq!(WorkerSection::default().to_worker_config(), worker());
+        assert_eq!(
+            AgentSection::default().to_agent_config().unwrap(),
+            AgentConfig::default()
+        );
+        assert_eq!(
+            WorkerSection::default().to_worker_config(),
+            WorkerConfig::default()
+        );
     }
 
     /// What `fleetscan config` printed before the sections took their defaults from the
@@ -149,7 +112,7 @@ max_file_size = 0
         let printed = toml::to_string_pretty(&Config::default()).unwrap();
         assert_eq!(printed, PRINTED_DEFAULTS);
         // And what the empty keys stand for.
-        let host = hostname();
+        let host = fleetscan_core::host_name();
         let pid = std::process::id();
         let b = BrokerSection::default().to_broker_config();
         assert_eq!(b.store_url, "sqlite:///var/lib/fleetscan/fleetscan.db");
@@ -164,32 +127,7 @@ max_file_size = 0
     #[test]
     fn agents_and_workers_default_to_the_brokers_address() {
         let url = format!("http://{DEFAULT_BROKER_ADDR}");
-        assert_eq!(agent().brokers, vec![url.clone()]);
-        assert_eq!(worker().brokers, vec![url]);
-    }
-
-    /// Each pending override above still differs from its component's default. Once a
-    /// component adopts the users' value this fails: delete the override (and its line here).
-    #[test]
-    fn pending_overrides_still_differ() {
-        let pending = "the component has it now: delete the pending override in config/defaults.rs";
-        let (b, ours) = (BrokerConfig::default(), broker());
-        assert_ne!(b.broker_id, ours.broker_id, "broker_id: {pending}");
-        assert_ne!(b.store_url, ours.store_url, "store_url: {pending}");
-        let (a, ours) = (AgentConfig::default(), agent());
-        assert_ne!(
-            a.cache_capacity, ours.cache_capacity,
-            "cache_capacity: {pending}"
-        );
-        let (w, ours) = (WorkerConfig::default(), worker());
-        assert_ne!(w.pool, ours.pool, "pool: {pending}");
-        assert_ne!(
-            w.max_file_size, ours.max_file_size,
-            "max_file_size: {pending}"
-        );
-        // `credits` is the machine's parallelism there: equal to ours on a 4-core machine.
-        if std::thread::available_parallelism().map_or(1, |n| n.get()) != 4 {
-            assert_ne!(w.credits, ours.credits, "credits: {pending}");
-        }
+        assert_eq!(AgentConfig::default().brokers, vec![url.clone()]);
+        assert_eq!(WorkerConfig::default().brokers, vec![url]);
     }
 }

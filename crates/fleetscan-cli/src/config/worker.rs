@@ -52,7 +52,7 @@ pub struct WorkerSection {
 
 impl Default for WorkerSection {
     fn default() -> Self {
-        let w = defaults::worker();
+        let w = WorkerConfig::default();
         WorkerSection {
             brokers: w.brokers,
             engine: Engine::default(),
@@ -75,7 +75,7 @@ impl WorkerSection {
         WorkerConfig {
             brokers: self.brokers.clone(),
             worker_name: if self.name.is_empty() {
-                defaults::worker().worker_name
+                WorkerConfig::default().worker_name
             } else {
                 self.name.clone()
             },
