@@ -10,6 +10,7 @@
 
 mod common;
 
+mod boundaries;
 mod clamav;
 mod conformance;
 mod containers;

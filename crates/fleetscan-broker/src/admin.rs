@@ -4,7 +4,7 @@
 //! Every query takes who it acts for ([`Acting`]). Recorded events are that tenant's; hosts are
 //! that tenant's; verdicts, workers and counters are the fleet's whoever acts. Until callers are
 //! authenticated the services decide who acts: `AdminService` takes the tenant a `ListEvents`
-//! call names in its metadata ([`TENANT_HEADER`]) and the fleet operator for every other call.
+//! call names in its metadata (`fleetscan-tenant`) and the fleet operator for every other call.
 //! Must never: write, or show one tenant's events or hosts to another.
 
 use std::collections::HashSet;
@@ -19,9 +19,6 @@ use crate::engine::Engine;
 use crate::engine::scheduler::WorkerInfo;
 use crate::engine::stats::get;
 use crate::error::BrokerError;
-
-/// The gRPC metadata key naming the tenant a call acts for (for clients; the services read it).
-pub use fleetscan_proto::TENANT_HEADER;
 
 /// Events per page when the query does not say.
 const DEFAULT_PAGE: u32 = 100;

@@ -75,7 +75,7 @@ pub async fn events(
     });
     if let Some(t) = tenant {
         request.metadata_mut().insert(
-            fleetscan_broker::admin::TENANT_HEADER,
+            fleetscan_proto::TENANT_HEADER,
             t.parse().context("--tenant is not a valid header value")?,
         );
     }
