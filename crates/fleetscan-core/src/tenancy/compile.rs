@@ -443,7 +443,8 @@ mod tests {
         let ns = Exclusions {
             namespaces: vec!["kube-*".into()],
             ..Exclusions::default()
-        };
+        }
+        .compile();
         assert!(ns.excludes("/x", "", "kube-system").is_some());
         assert!(ns.excludes("/x", "", "").is_none(), "a host process");
     }

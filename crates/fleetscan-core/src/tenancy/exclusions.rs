@@ -1,13 +1,10 @@
 //! Accesses a policy never scans: [`Exclusions`] as configured and sent to agents, and
 //! [`CompiledExclusions`], the same rules compiled once for matching on every access.
 //!
-//! It must never compile patterns per access: holders that match on every access keep a
-//! [`CompiledExclusions`] ([`super::EffectivePolicy`] does); the matching methods of the plain
-//! [`Exclusions`], for holders that keep that form, compile each set of rules once per thread
-//! and reuse it. An access a rule cannot judge (no image, no namespace) is never excluded by it.
+//! It must never compile patterns per access: only [`CompiledExclusions`] matches, and its
+//! holders ([`super::EffectivePolicy`], the agent's scopes) compile once when the rules arrive.
+//! An access a rule cannot judge (no image, no namespace) is never excluded by it.
 
-use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -45,59 +42,6 @@ impl Exclusions {
                 namespaces: Patterns::names(&self.namespaces),
             }),
         }
-    }
-
-    /// Why the access is excluded, or `None` when it must be scanned. Empty `image` and
-    /// `namespace` (a host process, or one not attributed) match no image or namespace rule.
-    pub fn excludes(&self, path: &str, image: &str, namespace: &str) -> Option<String> {
-        self.excludes_path(path)
-            .or_else(|| self.excludes_origin(image, namespace))
-    }
-
-    /// The path rules alone (an agent judges them once it has the opener's view of the path).
-    pub fn excludes_path(&self, path: &str) -> Option<String> {
-        if self.paths.is_empty() {
-            return None;
-        }
-        self.with_compiled(|c| c.excludes_path(path))
-    }
-
-    /// The image and namespace rules alone (judged before the path is known).
-    pub fn excludes_origin(&self, image: &str, namespace: &str) -> Option<String> {
-        let images = !image.is_empty() && !self.images.is_empty();
-        let namespaces = !namespace.is_empty() && !self.namespaces.is_empty();
-        if !images && !namespaces {
-            return None;
-        }
-        self.with_compiled(|c| c.excludes_origin(image, namespace))
-    }
-
-    /// Runs `f` on these rules compiled: the compilation of the same rules made last on this
-    /// thread, else a new one. A thread keeps the few it used last, so that each of the scopes
-    /// an agent thread alternates between is compiled once.
-    fn with_compiled<R>(&self, f: impl FnOnce(&CompiledExclusions) -> R) -> R {
-        /// Rule sets kept per thread: an agent's scopes with exclusions are rarely more.
-        const KEPT: usize = 16;
-        thread_local! {
-            static RECENT: RefCell<VecDeque<CompiledExclusions>> = const {
-                RefCell::new(VecDeque::new())
-            };
-        }
-        RECENT.with(|recent| {
-            let mut recent = recent.borrow_mut();
-            match recent.iter().position(|c| c.rules == *self) {
-                Some(0) => {}
-                Some(i) => {
-                    let hit = recent.remove(i).expect("found at i");
-                    recent.push_front(hit);
-                }
-                None => {
-                    recent.truncate(KEPT - 1);
-                    recent.push_front(self.compile());
-                }
-            }
-            f(&recent[0])
-        })
     }
 }
 
@@ -198,27 +142,39 @@ mod tests {
     }
 
     #[test]
-    fn the_plain_and_the_compiled_rules_give_the_same_answers() {
+    fn the_compiled_rules_answer_by_path_image_and_namespace() {
         let plain = rules();
         let compiled = plain.compile();
-        for (path, image, namespace) in [
-            ("/cache/x", "", ""),
-            ("/srv/a/b/app.log", "", ""),
-            ("/srv/app.logx", "", ""),
-            ("/bin/sh", "registry.acme/ci-runner:1", ""),
-            ("/bin/sh", "registry.acme/app:1", "kube-system"),
-            ("/bin/sh", "", ""),
+        for (path, image, namespace, want) in [
+            ("/cache/x", "", "", Some("excluded path /cache")),
+            ("/cachex", "", "", None),
+            (
+                "/srv/a/b/app.log",
+                "",
+                "",
+                Some("excluded path /srv/**/*.log"),
+            ),
+            ("/srv/app.logx", "", "", None),
+            (
+                "/bin/sh",
+                "registry.acme/ci-runner:1",
+                "",
+                Some("excluded image registry.acme/ci-*"),
+            ),
+            (
+                "/bin/sh",
+                "registry.acme/app:1",
+                "kube-system",
+                Some("excluded namespace kube-*"),
+            ),
+            ("/bin/sh", "", "", None),
         ] {
             assert_eq!(
-                plain.excludes(path, image, namespace),
-                compiled.excludes(path, image, namespace),
+                compiled.excludes(path, image, namespace).as_deref(),
+                want,
                 "{path} {image} {namespace}"
             );
         }
-        assert_eq!(
-            plain.excludes_path("/cache/x").as_deref(),
-            Some("excluded path /cache")
-        );
         assert_eq!(
             compiled.excludes_origin("", "kube-system").as_deref(),
             Some("excluded namespace kube-*")
@@ -227,30 +183,5 @@ mod tests {
         assert_eq!(compiled.rules(), &plain);
         assert!(CompiledExclusions::default().is_empty());
         assert_eq!(CompiledExclusions::default().excludes("/x", "i", "n"), None);
-    }
-
-    #[test]
-    fn a_thread_keeps_the_rule_sets_it_used_last_and_tells_them_apart() {
-        let a = rules();
-        let b = Exclusions {
-            paths: vec!["/other".into()],
-            ..Exclusions::default()
-        };
-        for _ in 0..3 {
-            assert!(a.excludes_path("/cache/x").is_some());
-            assert!(b.excludes_path("/cache/x").is_none());
-            assert!(b.excludes_path("/other/x").is_some());
-        }
-        // More sets than a thread keeps: each still answers by its own rules.
-        let many: Vec<Exclusions> = (0..40)
-            .map(|i| Exclusions {
-                paths: vec![format!("/p{i}")],
-                ..Exclusions::default()
-            })
-            .collect();
-        for (i, e) in many.iter().enumerate() {
-            assert!(e.excludes_path(&format!("/p{i}/x")).is_some());
-            assert!(e.excludes_path(&format!("/p{}/x", i + 1)).is_none());
-        }
     }
 }
