@@ -187,23 +187,26 @@ mod tests {
     use super::super::tests::{attach, job_id, payload, report};
     use super::*;
 
+    /// Runs a job of the default pool with `tries` tries of 10 s each, on a task of its own.
+    fn spawn_run(s: &Arc<Scheduler>, tries: u32) -> tokio::task::JoinHandle<RunOutcome> {
+        let s = s.clone();
+        tokio::spawn(async move {
+            s.run(
+                "default",
+                payload("default", b"x"),
+                tries,
+                Duration::from_secs(10),
+            )
+            .await
+        })
+    }
+
     #[tokio::test]
     async fn a_job_of_a_worker_that_disconnects_is_retried_on_another() {
         let s = Arc::new(Scheduler::default());
         let (w1, mut rx1) = attach(&s, "w1", &["default"]);
         s.grant(w1, 1);
-        let run = tokio::spawn({
-            let s = s.clone();
-            async move {
-                s.run(
-                    "default",
-                    payload("default", b"x"),
-                    3,
-                    Duration::from_secs(10),
-                )
-                .await
-            }
-        });
+        let run = spawn_run(&s, 3);
         let first = job_id(rx1.recv().await.unwrap());
         let (w2, mut rx2) = attach(&s, "w2", &["default"]);
         s.grant(w2, 1);
@@ -231,18 +234,7 @@ mod tests {
         let s = Arc::new(Scheduler::default());
         let (w, mut rx) = attach(&s, "w1", &["default"]);
         s.grant(w, 10);
-        let run = tokio::spawn({
-            let s = s.clone();
-            async move {
-                s.run(
-                    "default",
-                    payload("default", b"x"),
-                    3,
-                    Duration::from_secs(10),
-                )
-                .await
-            }
-        });
+        let run = spawn_run(&s, 3);
         let mut jobs = Vec::new();
         let mut cancels = Vec::new();
         // The hung worker never answers: every try times out and is cancelled.
@@ -265,18 +257,7 @@ mod tests {
         let s = Arc::new(Scheduler::default());
         let (w, mut rx) = attach(&s, "w1", &["default"]);
         s.grant(w, 10);
-        let run = tokio::spawn({
-            let s = s.clone();
-            async move {
-                s.run(
-                    "default",
-                    payload("default", b"x"),
-                    2,
-                    Duration::from_secs(10),
-                )
-                .await
-            }
-        });
+        let run = spawn_run(&s, 2);
         for _ in 0..2 {
             let id = job_id(rx.recv().await.unwrap());
             s.complete(w, id, report(VerdictKind::Error, true)).unwrap();
