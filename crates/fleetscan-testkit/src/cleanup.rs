@@ -1,5 +1,5 @@
 //! What ends a sandbox's processes and deletes its network resources, whatever happens to the
-//! test: [`Shared::kill_and_tear_down`] (by Drop, and by the watchdog past
+//! test: [`Owned::kill_and_tear_down`] (by Drop, and by the watchdog past
 //! [`crate::HARD_LIMIT`]), and the [`Guard`] process, which does the same should the test
 //! process die without either (SIGKILL).
 //!
@@ -29,14 +29,14 @@ pub(crate) enum Teardown {
 
 /// What the sandbox and its watchdog share: what to end, and whether the sandbox is over.
 #[derive(Default)]
-pub(crate) struct Shared {
+pub(crate) struct Owned {
     pub(crate) running: Vec<Running>,
     /// In creation order; deleted in reverse.
     pub(crate) teardown: Vec<Teardown>,
     pub(crate) finished: bool,
 }
 
-impl Shared {
+impl Owned {
     /// Kills every process (agents first: their groups close and release any opener at once),
     /// then deletes the links and namespaces. Used by Drop and by the watchdog.
     pub(crate) fn kill_and_tear_down(&mut self) {
@@ -148,7 +148,7 @@ fn start_time_in(stat: &str) -> Option<String> {
 
 /// Kills everything past [`HARD_LIMIT`] and aborts the test process, unless the sandbox
 /// finished first.
-pub(crate) fn watchdog(shared: &Mutex<Shared>) {
+pub(crate) fn watchdog(shared: &Mutex<Owned>) {
     let start = Instant::now();
     loop {
         std::thread::sleep(Duration::from_millis(250));

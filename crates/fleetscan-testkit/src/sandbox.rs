@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::cleanup::{Guard, Running, Shared, Teardown, start_time, watchdog};
+use crate::cleanup::{Guard, Owned, Running, Teardown, start_time, watchdog};
 use crate::command::{COMMAND_LIMIT, run_ok, run_with_deadline};
 use crate::{block_on, host, require_root, wait_for_worker};
 
@@ -34,7 +34,7 @@ pub struct BrokerProc {
 pub struct Sandbox {
     pub(crate) bin: PathBuf,
     dir: tempfile::TempDir,
-    shared: Arc<Mutex<Shared>>,
+    shared: Arc<Mutex<Owned>>,
     mounts: Vec<PathBuf>,
     pub(crate) counter: usize,
     /// The bridge and hosts, once the first host is asked for.
@@ -55,7 +55,7 @@ impl Sandbox {
             .prefix("fleetscan-sandbox-")
             .tempdir()
             .expect("creating the sandbox directory");
-        let shared = Arc::new(Mutex::new(Shared::default()));
+        let shared = Arc::new(Mutex::new(Owned::default()));
         let watched = Arc::clone(&shared);
         std::thread::spawn(move || watchdog(&watched));
         Sandbox {

@@ -15,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status, Streaming};
 
-use super::{End, Shared, lost};
+use super::{End, RunContext, lost};
 use crate::WorkerError;
 
 pub(super) type Attached = (
@@ -26,7 +26,7 @@ pub(super) type Attached = (
 );
 
 /// Connects, opens the stream, registers and waits for `Registered`.
-pub(super) async fn attach(shared: &Shared, endpoint: &Endpoint) -> Result<Attached, End> {
+pub(super) async fn attach(shared: &RunContext, endpoint: &Endpoint) -> Result<Attached, End> {
     let channel = endpoint
         .connect()
         .await

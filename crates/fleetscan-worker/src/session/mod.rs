@@ -30,7 +30,7 @@ mod timing;
 pub use run::run;
 
 /// What every session of one `run` shares, over all brokers.
-struct Shared {
+struct RunContext {
     config: WorkerConfig,
     identity: ScannerIdentity,
     register: v1::Register,

@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 
 use super::stream::Session;
 use super::timing::Timing;
-use super::{End, Shared};
+use super::{End, RunContext};
 use crate::slots::ScanSlots;
 use crate::{Scanner, WorkerConfig, WorkerError};
 
@@ -65,7 +65,7 @@ pub(crate) async fn run_with_timing(
         endpoints.push((broker.clone(), endpoint));
     }
     let identity = scanner.identity();
-    let shared = Arc::new(Shared {
+    let shared = Arc::new(RunContext {
         // One set of slots for the life of `run`, shared by every broker's session: scans
         // abandoned by a lost session keep their slots until they finish, so neither a
         // reconnect nor a second broker ever makes more than `credits` scans run at once.
@@ -144,7 +144,7 @@ const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 /// Serves one broker until shutdown (Ok) or until it refuses the worker (Err): attach, serve,
 /// and when the stream is lost, back off and attach again, independently of other brokers.
 async fn serve_broker(
-    shared: Arc<Shared>,
+    shared: Arc<RunContext>,
     broker: String,
     endpoint: Endpoint,
     stopping: watch::Receiver<bool>,

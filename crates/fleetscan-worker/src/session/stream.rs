@@ -25,7 +25,7 @@ use tonic::{Status, Streaming};
 use tracing::{info, warn};
 
 use super::attach::attach;
-use super::{End, Shared, lost};
+use super::{End, RunContext, lost};
 use crate::ScanOutcome;
 use crate::assembly::Assembly;
 use crate::slots::{Done, ScanJob};
@@ -37,7 +37,7 @@ const MAX_BATCH: usize = 256;
 
 /// One attached stream and the jobs taken on it.
 pub(super) struct Session<'a> {
-    pub(super) shared: &'a Shared,
+    pub(super) shared: &'a RunContext,
     pub(super) broker: &'a str,
     /// Kept for the life of the session, so the connection under the stream is never torn
     /// down while results are still being sent.
@@ -66,7 +66,7 @@ pub(super) struct Session<'a> {
 
 impl<'a> Session<'a> {
     pub(super) async fn run<S: Future<Output = ()>>(
-        shared: &'a Shared,
+        shared: &'a RunContext,
         broker: &'a str,
         endpoint: &Endpoint,
         mut shutdown: Pin<&mut S>,

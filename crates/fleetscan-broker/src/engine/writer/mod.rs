@@ -101,15 +101,17 @@ pub trait Sink: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), SinkError>> + Send;
 }
 
+/// What the writer task and the queue's handles both count: records lost, records taken into the batch
+/// being written, and when a loss was last logged.
 #[derive(Default)]
-struct Shared {
+struct WriterCounters {
     lost: AtomicU64,
     /// Records taken off the queue but not yet written.
     in_batch: AtomicU64,
     last_loss_log_ms: AtomicI64,
 }
 
-impl Shared {
+impl WriterCounters {
     fn lose(&self, n: u64, why: &'static str) {
         if n == 0 {
             return;
@@ -133,19 +135,19 @@ impl Shared {
 #[derive(Clone)]
 pub struct WriteBehind {
     tx: mpsc::Sender<WriteOp>,
-    shared: Arc<Shared>,
+    shared: Arc<WriterCounters>,
 }
 
 /// The receiving side, until [`spawn_writer`] runs it.
 pub struct WriteQueue {
     rx: mpsc::Receiver<WriteOp>,
-    shared: Arc<Shared>,
+    shared: Arc<WriterCounters>,
 }
 
 /// A write-behind queue of `capacity` records (at least one).
 pub fn write_behind(capacity: usize) -> (WriteBehind, WriteQueue) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
-    let shared = Arc::new(Shared::default());
+    let shared = Arc::new(WriterCounters::default());
     (
         WriteBehind {
             tx,
@@ -197,7 +199,7 @@ enum Phase {
 pub struct WriterHandle {
     phase: watch::Sender<Phase>,
     task: JoinHandle<()>,
-    shared: Arc<Shared>,
+    shared: Arc<WriterCounters>,
 }
 
 /// Starts the writer task draining `queue` into `sink`.
@@ -299,7 +301,7 @@ impl Batch {
 
 struct Writer<S> {
     rx: mpsc::Receiver<WriteOp>,
-    shared: Arc<Shared>,
+    shared: Arc<WriterCounters>,
     sink: S,
     phase: watch::Receiver<Phase>,
     backoff: Backoff,
