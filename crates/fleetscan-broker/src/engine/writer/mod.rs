@@ -101,8 +101,8 @@ pub trait Sink: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), SinkError>> + Send;
 }
 
-/// What the writer task and the queue's handles both count: records lost, records taken into the batch
-/// being written, and when a loss was last logged.
+/// What the writer task and the queue's handles both count: records lost, records taken into
+/// the batch being written, and when a loss was last logged.
 #[derive(Default)]
 struct WriterCounters {
     lost: AtomicU64,
