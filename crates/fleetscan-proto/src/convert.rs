@@ -23,23 +23,37 @@ pub fn sha256(field: &'static str, s: &str) -> Result<core::Sha256, ConvertError
 
 /// A digest in canonical form (64 lower-case hex digits, what agents send), else `None` (then
 /// [`sha256`] decides, and accepts upper case too). Cheap enough for every request.
+#[inline]
 pub fn canonical_sha256(hex: &str) -> Option<core::Sha256> {
-    fn nibble(c: u8) -> Option<u8> {
-        match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            _ => None,
+    /// Each byte's value as a lower-case hex digit, or 0x10 (a bit no digit has) when it is none.
+    const NIBBLE: [u8; 256] = {
+        let mut t = [0x10u8; 256];
+        let mut c = 0;
+        while c < 10 {
+            t[b'0' as usize + c] = c as u8;
+            c += 1;
         }
-    }
+        let mut c = 0;
+        while c < 6 {
+            t[b'a' as usize + c] = 10 + c as u8;
+            c += 1;
+        }
+        t
+    };
     let bytes = hex.as_bytes();
     if bytes.len() != 64 {
         return None;
     }
     let mut out = [0u8; 32];
+    // No branch per digit: every pair is converted, and one check at the end says whether a
+    // byte was not a digit.
+    let mut bad = 0u8;
     for (byte, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-        *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+        let (hi, lo) = (NIBBLE[pair[0] as usize], NIBBLE[pair[1] as usize]);
+        bad |= hi | lo;
+        *byte = (hi << 4) | (lo & 0x0f);
     }
-    Some(core::Sha256(out))
+    (bad & 0x10 == 0).then_some(core::Sha256(out))
 }
 
 pub fn verdict_kind_to_proto(kind: core::VerdictKind) -> v1::VerdictResult {
@@ -414,6 +428,26 @@ mod tests {
         assert_eq!(canonical_sha256(&format!("{hex}0")), None);
         assert_eq!(canonical_sha256(&format!("g{}", &hex[1..])), None);
         assert_eq!(canonical_sha256(&format!("é{}", &hex[2..])), None);
+        // Any one byte that is not a lower-case hex digit, at any place, is refused; every
+        // digit is taken.
+        let mut bytes = hex.clone().into_bytes();
+        for i in 0..64 {
+            for c in 0u8..128 {
+                let orig = bytes[i];
+                bytes[i] = c;
+                let text = std::str::from_utf8(&bytes).unwrap();
+                let digit = c.is_ascii_digit() || (b'a'..=b'f').contains(&c);
+                assert_eq!(
+                    canonical_sha256(text).is_some(),
+                    digit,
+                    "byte {c:#x} at {i}"
+                );
+                if digit {
+                    assert_eq!(canonical_sha256(text), sha256("sha256", text).ok());
+                }
+                bytes[i] = orig;
+            }
+        }
     }
 
     #[test]
