@@ -256,3 +256,55 @@ async fn with_postgres_down_brokers_decide_from_workers_and_write_the_backlog_wh
     assert_eq!(denials.len(), contents.len());
     assert_eq!(broker.stats().await.records_lost, 0);
 }
+
+/// `ScanService.Lookup` goes through the store-health guard like the decision path: with the
+/// store gone, a verdict in memory is still answered, and a look-up that would need the store
+/// fails at once with UNAVAILABLE instead of waiting on it.
+#[tokio::test]
+async fn with_postgres_down_lookups_answer_from_memory_or_say_unavailable_at_once() {
+    let pg = PgCluster::start_local();
+    let url = pg.new_database();
+    let broker = TestBroker::start(|c| c.store_url = url.clone()).await;
+    let mut worker = broker.worker("w", &identity("r1")).await;
+    worker.credit(4).await;
+    let mut agent = broker.agent("host").await;
+    let known = b"judged before the store went".to_vec();
+    let d = scanned(
+        &mut agent,
+        &mut worker,
+        1,
+        &known,
+        v1::VerdictResult::Malicious,
+    )
+    .await;
+    assert_eq!(d.action(), v1::Action::Deny, "{}", d.reason);
+    pg.stop();
+
+    let mut scan = broker.scan().await;
+    let from_memory = scan
+        .lookup(v1::LookupRequest {
+            sha256: Sha256::of(&known).to_hex(),
+        })
+        .await
+        .expect("a verdict in memory needs no store")
+        .into_inner();
+    assert!(from_memory.known, "{from_memory:?}");
+    assert_eq!(from_memory.action(), v1::Action::Deny);
+
+    for i in 0..3 {
+        let started = Instant::now();
+        let status = scan
+            .lookup(v1::LookupRequest {
+                sha256: Sha256::of(format!("never seen {i}").as_bytes()).to_hex(),
+            })
+            .await
+            .expect_err("nothing to answer from without the store");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "a look-up took {:?} with the store down",
+            started.elapsed()
+        );
+    }
+    pg.start_again();
+}
