@@ -177,9 +177,6 @@ fn process(ic: &Interceptor, session: &SessionSlot, access: &Arc<Access>, buf: &
         access::oversize(ic, access, access.key.size);
         return;
     }
-    let subject = lent
-        .subject
-        .unwrap_or_else(|| ic.subject(access.pid, lent.pidfd.as_deref()));
     // The opener's view of the path, and the host's.
     let paths = paths::resolve(
         lent.file.as_fd(),
@@ -187,11 +184,15 @@ fn process(ic: &Interceptor, session: &SessionSlot, access: &Arc<Access>, buf: &
         access.pid,
         lent.pidfd.as_deref(),
     );
-    // Path exclusions are judged on the path as the opening process sees it.
+    // Path exclusions are judged on the path as the opening process sees it, before the
+    // process is looked at in /proc: an excluded access needs nothing more.
     if let Some(why) = access.scope.skip_path(&paths.path) {
         access::skip(ic, access, &why);
         return;
     }
+    let subject = lent
+        .subject
+        .unwrap_or_else(|| ic.subject(access.pid, lent.pidfd.as_deref()));
     access.resolved(&paths, &subject);
     let hashed = match hash_version(&lent.file, policy.max_file_size, buf) {
         Ok(h) => h,
